@@ -1,0 +1,14 @@
+"""comfyui-batch-lora core: pure torch + safetensors + numpy; never imports ComfyUI.
+
+- ``fuse``:   LoRA factors and the fused fp32 merge of a whole stack per weight key.
+- ``cache``:  the exact base-weight cache restores copy from.
+- ``engine``: in-place, all-or-nothing apply/reset of a stack on a module.
+- ``files``:  reading LoRA safetensors files, validated, through a byte-bounded parsed-file cache.
+"""
+from .cache import BaseCache, CacheBudgetError
+from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
+from .files import LoraFileCache, LoraFileError
+from .fuse import FuseError, LoraFactors, Term, fused_weight
+
+__all__ = ["BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
+           "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "Term", "fused_weight"]

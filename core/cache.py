@@ -1,0 +1,90 @@
+"""The base cache: an exact copy of every base weight this pack has touched, taken before the first write.
+
+Restores copy from here (never subtract a delta), so any number of apply/reset cycles is bit-exact.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+__all__ = ["BaseCache", "CacheBudgetError"]
+
+
+class CacheBudgetError(MemoryError):
+    """Capturing one more base weight would exceed the base cache's byte budget."""
+
+
+class BaseCache:
+    """Exact copies of base weights, keyed by weight key, captured on first touch.
+
+    A float16/bfloat16/float32 weight is stored as float32 by default (``dtype="fp32"``: the fused merge then
+    reads its fp32 operand without a cast), or in its own dtype (``dtype="native"``: half the bytes for
+    fp16/bf16; the upcast at merge time is exact, so restores stay bit-exact either way). Other dtypes (fp8)
+    are always stored natively.
+
+    Args:
+        dtype: ``"fp32"`` or ``"native"``.
+        device: where copies live (the model's offload device; default: the weight's own device).
+        budget_bytes: optional cap on ``nbytes``; ``None`` means unbounded.
+    Raises:
+        ValueError: for an unknown ``dtype`` option.
+    """
+
+    def __init__(self, dtype: str = "fp32", device: torch.device | str | None = None,
+                 budget_bytes: int | None = None):
+        if dtype not in ("fp32", "native"):
+            raise ValueError(f"base cache dtype must be 'fp32' or 'native', not {dtype!r}")
+        self.dtype = dtype
+        self.device = None if device is None else torch.device(device)
+        self.budget_bytes = budget_bytes
+        self._copies: dict[str, torch.Tensor] = {}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._copies
+
+    def __len__(self) -> int:
+        return len(self._copies)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all copies."""
+        return sum(t.numel() * t.element_size() for t in self._copies.values())
+
+    def capture(self, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """Return the cached base of ``key``, copying ``weight`` first if the key is new.
+
+        Args:
+            key: weight key.
+            weight: the current (base) value, any shape/dtype/device/memory format.
+        Returns:
+            The cached copy (contiguous; float32 or the weight's dtype, see the class docstring).
+        Raises:
+            CacheBudgetError: the copy would exceed ``budget_bytes`` (names the key and the figures).
+        """
+        cached = self._copies.get(key)
+        if cached is not None:
+            return cached
+        store = torch.float32 if (self.dtype == "fp32" and weight.dtype in (torch.float16, torch.bfloat16,
+                                                                          torch.float32)) else weight.dtype
+        size = weight.numel() * torch.empty((), dtype=store).element_size()
+        if self.budget_bytes is not None and self.nbytes + size > self.budget_bytes:
+            raise CacheBudgetError(
+                f"base cache budget of {self.budget_bytes} bytes exceeded while caching {key} ({size} bytes, "
+                f"{self.nbytes} already held): raise the budget or use dtype='native'")
+        copy = torch.empty(weight.shape, dtype=store, device=self.device or weight.device)
+        copy.copy_(weight.detach())
+        self._copies[key] = copy
+        return copy
+
+    def get(self, key: str) -> torch.Tensor:
+        """The cached base of ``key``. Raises KeyError if it was never captured."""
+        return self._copies[key]
+
+    def drop(self, keys: Iterable[str] | None = None) -> None:
+        """Forget the copies of ``keys`` (all when None). Callers must not drop a key that is still patched."""
+        if keys is None:
+            self._copies.clear()
+        else:
+            for key in keys:
+                self._copies.pop(key, None)

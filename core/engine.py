@@ -1,0 +1,170 @@
+"""In-place, transactional application of a LoRA stack to a torch module's weights.
+
+The engine keeps, per weight key, which terms are baked into the live weight. ``apply(stack)`` brings every key
+to ``round(base_fp32 + sum s_i * delta_i)`` for the new stack (or back to the exact base for keys the stack no
+longer touches), writing only keys whose terms changed. Every write is ``param.data.copy_``: the same
+``nn.Parameter`` object and the same storage (``data_ptr``) before and after, whatever the memory format, so
+compiled graphs that captured the parameters keep seeing current values.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+
+from .cache import BaseCache
+from .fuse import Term, fused_weight
+
+__all__ = ["InPlacePatcher", "ApplyInterrupted", "ApplyReport", "Counters"]
+
+
+class ApplyInterrupted(RuntimeError):
+    """``should_stop()`` returned True during an apply; every key already written was rolled back."""
+
+
+@dataclass
+class Counters:
+    """Running totals for one patcher (tests and the status report read these).
+
+    merges: keys fused (one fused matmul each); writes: in-place parameter writes (fused results, restores and
+    rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error.
+    """
+
+    merges: int = 0
+    writes: int = 0
+    restores: int = 0
+    rollbacks: int = 0
+
+
+@dataclass
+class ApplyReport:
+    """What one ``apply``/``reset`` did: keys merged, restored and left alone, and wall time in seconds."""
+
+    merged: int = 0
+    restored: int = 0
+    unchanged: int = 0
+    seconds: float = 0.0
+    keys: list[str] = field(default_factory=list)
+
+
+def _signature(terms: Sequence[Term]) -> tuple:
+    return tuple((float(s), f.token) for s, f in terms)
+
+
+class InPlacePatcher:
+    """Apply/reset LoRA stacks on one module's parameters, in place, from an exact base cache.
+
+    Args:
+        module: the ``nn.Module`` whose parameters are patched (weight keys are ``module.get_parameter`` paths,
+            e.g. ``diffusion_model.input_blocks.1.1.proj_in.weight``).
+        cache: the base cache (default: a float32 ``BaseCache`` on each weight's device).
+        on_write: optional ``callback(key, param)`` called after every write (compiler backends that keep
+            their own copy of a weight refresh it here).
+    """
+
+    def __init__(self, module: torch.nn.Module, cache: BaseCache | None = None,
+                 on_write: Callable[[str, torch.nn.Parameter], None] | None = None):
+        self.module = module
+        self.cache = cache if cache is not None else BaseCache()
+        self.counters = Counters()
+        self.on_write = on_write
+        # key -> (signature, terms) of what is baked into the live weight; absent = the weight is at its base.
+        self._applied: dict[str, tuple[tuple, Sequence[Term]]] = {}
+
+    @property
+    def applied_keys(self) -> set[str]:
+        """Weight keys whose live value currently includes LoRA terms."""
+        return set(self._applied)
+
+    def parameter(self, key: str) -> torch.nn.Parameter:
+        """The live parameter for ``key``. Raises KeyError naming the key if the module has none."""
+        try:
+            return self.module.get_parameter(key)
+        except AttributeError as exc:
+            raise KeyError(f"the model has no parameter {key!r}") from exc
+
+    def forget(self, keys) -> None:
+        """Record that ``keys`` were put back to their base by someone else (the host restored them)."""
+        for key in keys:
+            self._applied.pop(key, None)
+
+    def apply(self, stack: Mapping[str, Sequence[Term]], *, should_stop: Callable[[], bool] | None = None,
+              progress: Callable[[int, int], None] | None = None) -> ApplyReport:
+        """Make the module's weights equal ``base + stack`` on the touched keys, all or nothing.
+
+        Keys in ``stack`` get ``round(base_fp32 + sum s_i*scale_i*up_i@down_i)`` (see ``core.fuse``); keys that
+        were applied before but are not in ``stack`` (or have no terms) are restored from the base cache; keys
+        whose terms did not change are not touched (no merge, no write).
+
+        Args:
+            stack: weight key -> terms ``(strength, LoraFactors)``; factors are float32 ``[out, r]``/``[r, in]``.
+            should_stop: polled before each key; True aborts with ``ApplyInterrupted``.
+            progress: ``progress(done, total)`` after each key written.
+        Returns:
+            An ``ApplyReport``.
+        Raises:
+            FuseError (shape mismatch, NaN/Inf result), CacheBudgetError, KeyError (unknown key),
+            ApplyInterrupted, or anything raised while writing. Before any of these propagates, every key
+            written by this call is put back to the value it had before the call (same bits).
+        """
+        start = time.perf_counter()
+        report = ApplyReport()
+        work: list[tuple[str, Sequence[Term]]] = [(k, ()) for k in self._applied if not stack.get(k)]
+        for key, terms in stack.items():
+            if not terms:
+                continue
+            if key in self._applied and self._applied[key][0] == _signature(terms):
+                report.unchanged += 1
+            else:
+                work.append((key, terms))
+        done: list[tuple[str, tuple | None]] = []  # (key, previous _applied entry) in write order
+        try:
+            for key, terms in work:
+                if should_stop is not None and should_stop():
+                    raise ApplyInterrupted(f"interrupted after {len(done)} of {len(work)} weight keys")
+                previous = self._applied.get(key)
+                self._set(key, terms)
+                done.append((key, previous))
+                if terms:
+                    report.merged += 1
+                else:
+                    report.restored += 1
+                report.keys.append(key)
+                if progress is not None:
+                    progress(len(done), len(work))
+        except BaseException:
+            for key, previous in reversed(done):
+                self._set(key, () if previous is None else previous[1])
+            if done:
+                self.counters.rollbacks += 1
+            raise
+        report.seconds = time.perf_counter() - start
+        return report
+
+    def reset(self) -> ApplyReport:
+        """Restore every applied key to its exact base (bit-identical to before the first apply)."""
+        return self.apply({})
+
+    def _set(self, key: str, terms: Sequence[Term]) -> None:
+        """Write ``base + terms`` (or the exact base when ``terms`` is empty) into ``key``'s parameter."""
+        param = self.parameter(key)
+        if key not in self._applied:
+            base = self.cache.capture(key, param)
+        else:
+            base = self.cache.get(key)
+        if terms:
+            value = fused_weight(key, base.to(param.device, torch.float32), terms, param.dtype)
+            self.counters.merges += 1
+        else:
+            value = base
+            self.counters.restores += 1
+        param.data.copy_(value)
+        self.counters.writes += 1
+        if terms:
+            self._applied[key] = (_signature(terms), terms)
+        else:
+            self._applied.pop(key, None)
+        if self.on_write is not None:
+            self.on_write(key, param)

@@ -1,0 +1,92 @@
+"""Reading LoRA files: safetensors only, validated once, kept in a byte-bounded LRU cache shared by all nodes."""
+from __future__ import annotations
+
+import os
+import threading
+from collections import OrderedDict
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+__all__ = ["LoraFileCache", "LoraFileError"]
+
+
+class LoraFileError(ValueError):
+    """A LoRA file cannot be used: missing, not safetensors, corrupted, or holding NaN/Inf. Names the file."""
+
+
+class LoraFileCache:
+    """Parsed LoRA files (``{tensor name: CPU tensor}``), keyed by (resolved path, size, mtime_ns).
+
+    A file changed on disk has a new key and is read again; least recently used files are evicted once the
+    held tensors exceed ``budget_bytes``. Thread-safe.
+
+    Args:
+        budget_bytes: cap on the bytes of cached tensors (default 2 GiB); a single larger file is still
+            returned, just not kept.
+    """
+
+    def __init__(self, budget_bytes: int = 2 << 30):
+        self.budget_bytes = budget_bytes
+        self._files: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    @staticmethod
+    def identity(path: str) -> tuple[str, int, int]:
+        """``(resolved path, size in bytes, mtime in ns)`` of ``path``. Raises LoraFileError if it is missing."""
+        real = os.path.realpath(path)
+        try:
+            st = os.stat(real)
+        except OSError as exc:
+            raise LoraFileError(f"LoRA file {path!r} cannot be read ({exc.strerror}); check the name and the "
+                                "loras folder") from exc
+        return real, st.st_size, st.st_mtime_ns
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all cached tensors."""
+        with self._lock:
+            return sum(_nbytes(sd) for sd in self._files.values())
+
+    def load(self, path: str) -> dict[str, torch.Tensor]:
+        """The tensors of the safetensors file at ``path`` (read once per file version; do not mutate them).
+
+        Raises:
+            LoraFileError: missing file, a file that is not valid safetensors (bad header length, bad JSON,
+                offsets past the end), or a tensor with NaN/Inf values (names the tensor).
+        """
+        ident = self.identity(path)
+        with self._lock:
+            cached = self._files.get(ident)
+            if cached is not None:
+                self._files.move_to_end(ident)
+                return cached
+        try:
+            tensors = load_file(ident[0], device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise LoraFileError(f"LoRA file {path!r} is not a valid safetensors file ({exc}); re-download or "
+                                "re-export it") from exc
+        for name, tensor in tensors.items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
+                raise LoraFileError(f"LoRA file {path!r}: tensor {name!r} contains NaN/Inf values; the file is "
+                                    "broken (re-export it) and was not applied")
+        with self._lock:
+            self.reads += 1
+            self._files[ident] = tensors
+            self._files.move_to_end(ident)
+            while len(self._files) > 1 and sum(_nbytes(sd) for sd in self._files.values()) > self.budget_bytes:
+                self._files.popitem(last=False)
+            if _nbytes(tensors) > self.budget_bytes:
+                self._files.pop(ident, None)
+        return tensors
+
+    def clear(self) -> None:
+        """Drop every cached file."""
+        with self._lock:
+            self._files.clear()
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -1,0 +1,154 @@
+"""How this pack rides ComfyUI's ModelPatcher lifecycle (ComfyUI 0.3.75 comfy/model_patcher.py).
+
+A Batch LoRA Loader output is a ``ModelPatcher`` clone that carries a ``StackSpec`` attachment, an ON_LOAD
+callback (constant key, module-level function: torch.compile guards stay stable) and a deterministic
+``patches_uuid`` derived from the model's own uuid and the stack's signature. ComfyUI re-patches a model only when
+the incoming patcher's ``patches_uuid`` differs from the one its weights were baked for
+(``ModelPatcher.partially_load``); it then restores every entry of the shared ``backup`` dict, bakes its own
+patches and fires ON_LOAD, where this pack fuses its stack in place through ``core.InPlacePatcher``.
+
+Every key this pack writes is registered in that ``backup`` dict as a ``PackBackup`` whose ``weight`` is the
+pack's exact base copy (or, on a key that also carries a stock ComfyUI patch, ComfyUI's own entry), so any
+ComfyUI restore (plain path, another stack, unload, CheckpointSave's forced re-patch, lowvram partial unload)
+puts the key back bit-exactly, and ``isinstance(backup[key], PackBackup)`` tells the pack that the key still holds
+its terms. Consequences: an unchanged stack costs nothing (same uuid, no ON_LOAD); a changed stack costs one
+ComfyUI restore + one fused bake of the touched keys; the pack holds no second copy of a weight.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple, Sequence
+
+import torch
+import comfy.model_management
+import comfy.utils
+from comfy.patcher_extension import CallbacksMP
+
+from ..core import ApplyInterrupted, BaseCache, InPlacePatcher, Term
+
+__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "drop_state"]
+
+log = logging.getLogger("comfyui-batch-lora")
+
+KEY = "batch_lora"
+_NAMESPACE = uuid.UUID("5f0c2a9e-9a51-4c53-9a8e-3c0b7a1e0b1d")
+
+
+@dataclass(frozen=True)
+class StackSpec:
+    """The stack a patcher carries.
+
+    plan: weight key -> terms ``(strength, LoraFactors)`` (factors float32 ``[out, r]``/``[r, in]``).
+    signature: text identifying files (path, size, mtime), modules and strengths; equal text = equal weights.
+    own_uuid: the ``patches_uuid`` this pack gave the patcher.
+    clean_uuid: the ``patches_uuid`` of the same model without this pack's stack, None if unknown (stock
+        patches were added after this pack's stack).
+    """
+
+    plan: Mapping[str, Sequence[Term]]
+    signature: str
+    own_uuid: uuid.UUID
+    clean_uuid: uuid.UUID | None = None
+    labels: tuple[str, ...] = field(default=())
+
+
+class PackBackup(NamedTuple):
+    """A ComfyUI ``backup`` entry for a key this pack patched (ComfyUI reads ``.weight``/``.inplace_update``).
+
+    weight: the exact base to restore (the pack's base copy, float32 or native dtype, on the offload device);
+    inplace_update: always True for the pack's own entries (restores use ``copy_to_param``);
+    comfy_entry: ComfyUI's own entry when a stock patch shares the key, else None.
+    """
+
+    weight: torch.Tensor
+    inplace_update: bool
+    comfy_entry: object = None
+
+
+_ENGINE_ATTR = "_batch_lora_engine"  # the engine lives on the torch model it patches and dies with it
+
+
+def stack_of(patcher) -> StackSpec | None:
+    """The ``StackSpec`` a ModelPatcher carries, or None."""
+    return patcher.get_attachment(KEY)
+
+
+def _clean_uuid(patcher) -> uuid.UUID | None:
+    spec = stack_of(patcher)
+    if spec is None:
+        return patcher.patches_uuid
+    return spec.clean_uuid if patcher.patches_uuid == spec.own_uuid else None
+
+
+def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labels: Sequence[str] = ()):
+    """A clone of ``patcher`` (ModelPatcher) whose weights will be ``base + plan`` when ComfyUI loads it.
+
+    An empty ``plan`` gives a clone without any stack of this pack (Reset Adapters): its uuid is the model's
+    clean uuid when known, so it shares baked weights with the plain path. The input patcher is not modified.
+    """
+    clean = _clean_uuid(patcher)
+    clone = patcher.clone()
+    clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    if not plan:
+        clone.attachments.pop(KEY, None)
+        clone.patches_uuid = clean if clean is not None else uuid.uuid5(_NAMESPACE, f"{patcher.patches_uuid}|none")
+        return clone
+    native = clean if clean is not None else patcher.patches_uuid
+    own = uuid.uuid5(_NAMESPACE, f"{native}|{signature}")
+    clone.set_attachments(KEY, StackSpec(plan, signature, own, clean, tuple(labels)))
+    clone.patches_uuid = own
+    return clone
+
+
+def engine_for(model: torch.nn.Module, offload_device=None, create: bool = True) -> InPlacePatcher | None:
+    """The pack's ``InPlacePatcher`` (base cache + applied state) for one torch model (a ComfyUI BaseModel or a
+    text-encoder module), created on first use with a float32 base cache on ``offload_device``."""
+    engine = model.__dict__.get(_ENGINE_ATTR)
+    if engine is None and create:
+        engine = model.__dict__[_ENGINE_ATTR] = InPlacePatcher(model, BaseCache(device=offload_device))
+    return engine
+
+
+def drop_state(model: torch.nn.Module) -> int:
+    """Forget the pack's base cache and state for ``model``; returns the bytes released from the cache.
+
+    Safe at any time: keys still patched keep their base alive through their ``PackBackup`` entry until ComfyUI
+    restores them."""
+    engine = model.__dict__.pop(_ENGINE_ATTR, None)
+    return 0 if engine is None else engine.cache.nbytes
+
+
+def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
+    """CallbacksMP.ON_LOAD: bring this model's weights to ``base + stack`` after ComfyUI baked its own patches."""
+    spec = stack_of(patcher)
+    engine = engine_for(patcher.model, patcher.offload_device, create=spec is not None)
+    if engine is None:
+        return
+    backup = patcher.backup
+    engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
+    plan = spec.plan if spec is not None else {}
+    # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result.
+    engine.cache.drop([k for k in plan if k in patcher.patches and k not in engine.applied_keys])
+    bar = comfy.utils.ProgressBar(max(1, len(plan)))
+    try:
+        report = engine.apply(plan, should_stop=comfy.model_management.processing_interrupted,
+                              progress=lambda done, total: bar.update_absolute(done, total))
+    except ApplyInterrupted as exc:
+        raise comfy.model_management.InterruptProcessingException() from exc
+    for key in report.keys:
+        entry = backup.get(key)
+        if key in engine.applied_keys:
+            if not isinstance(entry, PackBackup):
+                backup[key] = (PackBackup(entry.weight, entry.inplace_update, entry) if entry is not None
+                               else PackBackup(engine.cache.get(key), True))
+        elif isinstance(entry, PackBackup):
+            if entry.comfy_entry is not None:
+                backup[key] = entry.comfy_entry
+            else:
+                del backup[key]
+    if report.keys:
+        log.info("batch-lora: %s: %d keys merged, %d restored, %d unchanged in %.1f ms (%s)",
+                 type(patcher.model).__name__, report.merged, report.restored, report.unchanged,
+                 report.seconds * 1e3, ", ".join(spec.labels) if spec else "no stack")

@@ -1,0 +1,131 @@
+"""The two ComfyUI nodes: Batch LoRA Loader and Reset Adapters (V1 node API, ComfyUI >= 0.3.75). Glue only."""
+from __future__ import annotations
+
+import logging
+
+from .lifecycle import drop_state, stack_of, with_stack
+from .stack import FILES, build_plans, lora_path, parse_entries
+
+log = logging.getLogger("comfyui-batch-lora")
+
+CATEGORY = "loaders/batch lora"
+
+ROW_TOOLTIP = ('One LoRA: {"on": true, "lora": "<file in models/loras>", "strength_model": 1.0, '
+               '"strength_clip": 1.0}. The node UI edits these rows; API prompts send the same objects.')
+
+
+class _LoraRows(dict):
+    """INPUT_TYPES "optional" dict that also admits any number of ``lora_N`` row inputs (their values are
+    objects, validated by ``parse_entries``); ComfyUI only lists and validates the declared keys."""
+
+    def __contains__(self, key):
+        return super().__contains__(key) or (isinstance(key, str) and key.startswith("lora_") and key[5:].isdigit())
+
+    def __getitem__(self, key):
+        if not super().__contains__(key) and key in self:
+            return ("BATCH_LORA_ROW", {"tooltip": ROW_TOOLTIP})
+        return super().__getitem__(key)
+
+
+def _merge(old: dict, new: dict) -> dict:
+    merged = {k: list(v) for k, v in old.items()}
+    for key, terms in new.items():
+        merged.setdefault(key, []).extend(terms)
+    return merged
+
+
+def _stacked(patcher, plan: dict, signature: str, labels: list[str]):
+    """Clone ``patcher`` with ``plan`` added after any stack of this pack it already carries."""
+    spec = stack_of(patcher)
+    if spec is not None:
+        plan = _merge(spec.plan, plan)
+        signature = f"{spec.signature}||{signature}"
+        labels = list(spec.labels) + labels
+    return with_stack(patcher, plan, signature, labels)
+
+
+class BatchLoraLoader:
+    """Batch LoRA Loader: any number of LoRAs, fused into the model/CLIP weights in place once per graph run."""
+
+    DESCRIPTION = ("Applies a stack of LoRAs (each with strength_model, strength_clip and on/off). The weights are "
+                   "patched in place once when the model is loaded, as round(base_fp32 + sum of strength x delta) "
+                   "from an exact FP32 base cache, so queued runs never drift and an unchanged stack costs nothing.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    OUTPUT_TOOLTIPS = ("The model carrying the stack (the input model is not modified).",
+                       "The CLIP carrying the stack (None when no CLIP is connected).",
+                       "Per LoRA: strengths, UNet/CLIP keys matched and tensors not matched.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRAs to."})},
+            "optional": _LoraRows({
+                "clip": ("CLIP", {"tooltip": "The text encoder; its LoRA keys use strength_clip."}),
+                "lora_stack": ("LORA_STACK", {"tooltip": "Optional (name, strength_model, strength_clip) list "
+                                                         "from a LoRA stacker node; applied before the rows."}),
+            }),
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, model, clip=None, lora_stack=None, **rows):
+        """Files changed on disk make the node run again (ComfyUI otherwise reuses its cached output)."""
+        try:
+            return "|".join(str(FILES.identity(lora_path(e.name))) for e in parse_entries(rows, lora_stack))
+        except Exception as exc:  # the error itself is reported by apply()
+            return f"error: {exc}"
+
+    def apply(self, model, clip=None, lora_stack=None, **rows):
+        entries = parse_entries(rows, lora_stack)
+        unet_plan, clip_plan, matches, signature = build_plans(model, clip, entries)
+        labels = [f"{e.name}@{e.strength_model:g}/{e.strength_clip:g}" for e in entries]
+        out_model = _stacked(model, unet_plan, signature, labels)
+        out_clip = None
+        if clip is not None:
+            out_clip = clip.clone()
+            out_clip.patcher = _stacked(clip.patcher, clip_plan, signature, labels)
+        report = "\n".join(m.line() for m in matches) or "no LoRA enabled"
+        for m in matches:
+            (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line())
+        return (out_model, out_clip, report)
+
+
+class ResetAdapters:
+    """Reset Adapters: the model/CLIP without any stack of this pack, bit-identical to a fresh load."""
+
+    DESCRIPTION = ("Removes every LoRA stack applied by Batch LoRA Loader: the outputs run with the exact base "
+                   "weights. With free_cache, also drops this pack's base cache for these models and its cache "
+                   "of parsed LoRA files.")
+    CATEGORY = CATEGORY
+    FUNCTION = "reset"
+    RETURN_TYPES = ("MODEL", "CLIP")
+    OUTPUT_TOOLTIPS = ("The model with its base weights.", "The CLIP with its base weights.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {"free_cache": ("BOOLEAN", {"default": False, "tooltip": (
+                "Also free this pack's base-weight cache for these models and its parsed-LoRA cache. The next "
+                "stack then re-reads files and re-captures base weights.")})},
+            "optional": {"model": ("MODEL", {"tooltip": "Model to reset."}),
+                         "clip": ("CLIP", {"tooltip": "CLIP to reset."})},
+        }
+
+    def reset(self, free_cache, model=None, clip=None):
+        out_model = with_stack(model, {}, "") if model is not None else None
+        out_clip = None
+        if clip is not None:
+            out_clip = clip.clone()
+            out_clip.patcher = with_stack(clip.patcher, {}, "")
+        if free_cache:
+            freed = sum(drop_state(p.model) for p in (model, clip and clip.patcher) if p is not None)
+            freed += FILES.nbytes
+            FILES.clear()
+            log.info("batch-lora: caches freed (%.1f MiB)", freed / 2**20)
+        return (out_model, out_clip)
+
+
+NODE_CLASS_MAPPINGS = {"BatchLoraLoader": BatchLoraLoader, "BatchLoraResetAdapters": ResetAdapters}
+NODE_DISPLAY_NAME_MAPPINGS = {"BatchLoraLoader": "Batch LoRA Loader", "BatchLoraResetAdapters": "Reset Adapters"}

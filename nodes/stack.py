@@ -1,0 +1,173 @@
+"""From the node's inputs to a fused plan: entries -> files -> ComfyUI key maps -> ``LoraFactors`` per weight key.
+
+Key mapping and file-format parsing are ComfyUI's own (``comfy.lora.model_lora_keys_unet/_clip`` and
+``comfy.lora.load_lora``), so every LoRA naming scheme the host maps (kohya/sd-scripts, diffusers, PEFT, ...) is
+accepted exactly as stock LoraLoader accepts it; this pack replaces only the merge and the lifecycle.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import folder_paths
+import comfy.lora
+import comfy.weight_adapter
+
+from ..core import LoraFactors, LoraFileCache, LoraFileError
+
+__all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
+
+FILES = LoraFileCache()
+"""The parsed-LoRA cache shared by every node of this pack."""
+
+MAX_STRENGTH = 100.0
+"""Strengths beyond +-MAX_STRENGTH are rejected as input mistakes (a real LoRA is used at |s| <= ~5)."""
+
+
+@dataclass(frozen=True)
+class LoraEntry:
+    """One row of the loader: file name (relative to a loras folder), strengths (dimensionless), on/off."""
+
+    name: str
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    on: bool = True
+
+
+@dataclass
+class LoraMatch:
+    """What one LoRA file matched: modules mapped to the UNet / text encoder, and tensors left unmatched."""
+
+    entry: LoraEntry
+    unet_keys: int = 0
+    clip_keys: int = 0
+    unmatched: list[str] = field(default_factory=list)
+
+    def line(self) -> str:
+        """One report line, e.g. ``style.safetensors  model 0.8 clip 1.0  unet 24 keys, clip 12 keys, 0 unmatched``."""
+        e = self.entry
+        text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
+                f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched")
+        if self.unmatched:
+            text += ": " + ", ".join(self.unmatched[:20]) + (" ..." if len(self.unmatched) > 20 else "")
+        return text
+
+
+def _float(value, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number) or abs(number) > MAX_STRENGTH:
+        raise ValueError(f"{what} = {value!r} is not a usable strength (finite, |s| <= {MAX_STRENGTH:g})")
+    return number
+
+
+def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
+    """Normalise the loader's inputs into entries, in order: ``lora_stack`` first, then ``lora_1``, ``lora_2``...
+
+    Args:
+        rows: ``{"lora_N": {"on": bool, "lora": name, "strength_model": float, "strength_clip": float}}``
+            (a missing ``strength_clip`` means the same as ``strength_model``); other keys are ignored.
+        lora_stack: optional LORA_STACK list of ``(name, strength_model, strength_clip)`` tuples (Comfyroll /
+            Efficiency stackers).
+    Raises:
+        ValueError: malformed row, non-finite or absurd strength, or the same file listed twice (names it).
+    """
+    entries = []
+    for i, item in enumerate(lora_stack or ()):
+        if not isinstance(item, (list, tuple)) or len(item) != 3:
+            raise ValueError(f"lora_stack item {i} must be (name, strength_model, strength_clip), got {item!r}")
+        entries.append(LoraEntry(str(item[0]), _float(item[1], f"lora_stack[{i}] strength_model"),
+                                 _float(item[2], f"lora_stack[{i}] strength_clip")))
+    names = sorted((k for k in rows if k.startswith("lora_") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    for key in names:
+        row = rows[key]
+        if not isinstance(row, dict) or "lora" not in row:
+            raise ValueError(f"{key} must be an object like {{\"on\": true, \"lora\": \"file.safetensors\", "
+                             f"\"strength_model\": 1.0, \"strength_clip\": 1.0}}, got {row!r}")
+        if not row.get("on", True) or row["lora"] in (None, "", "None"):
+            continue
+        sm = _float(row.get("strength_model", 1.0), f"{key}.strength_model")
+        sc = _float(row.get("strength_clip", sm), f"{key}.strength_clip")
+        entries.append(LoraEntry(str(row["lora"]), sm, sc))
+    seen = set()
+    for e in entries:
+        if e.name in seen:
+            raise ValueError(f"LoRA {e.name!r} is listed twice; merge the rows into one (strengths add up)")
+        seen.add(e.name)
+    return entries
+
+
+def lora_path(name: str) -> str:
+    """Full path of ``name`` inside a loras folder. Raises LoraFileError naming the file if there is none."""
+    path = folder_paths.get_full_path("loras", name)
+    if path is None:
+        raise LoraFileError(f"LoRA {name!r} is not in the loras folder(s) {folder_paths.get_folder_paths('loras')}")
+    return path
+
+
+def build_plans(model, clip, entries: list[LoraEntry]):
+    """Map every entry onto the model's and the text encoder's weight keys.
+
+    Args:
+        model: a ComfyUI ModelPatcher (or None); clip: a ComfyUI CLIP (or None).
+        entries: enabled entries from ``parse_entries``.
+    Returns:
+        ``(unet_plan, clip_plan, matches, signature)``: plans map weight key -> list of ``(strength, LoraFactors)``;
+        ``signature`` is a text naming files (path, size, mtime), and strengths, in order.
+    Raises:
+        LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
+        FuseError: a factor's shape does not fit the model weight (the LoRA is for another architecture).
+        NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
+    """
+    unet_map = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+    clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
+    key_map = {**unet_map, **clip_map}
+    unet_keys = set(unet_map.values())
+    unet_plan: dict[str, list] = {}
+    clip_plan: dict[str, list] = {}
+    matches, signature = [], []
+    for entry in entries:
+        path = lora_path(entry.name)
+        ident = FILES.identity(path)
+        tensors = FILES.load(path)
+        patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+        match = LoraMatch(entry)
+        for key, adapter in patches.items():
+            in_unet = key in unet_keys
+            target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
+            factors = _factors(entry.name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}")
+            factors.check(key, tuple(target.model.get_parameter(key).shape))
+            if strength != 0.0:
+                (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
+            if in_unet:
+                match.unet_keys += 1
+            else:
+                match.clip_keys += 1
+        matched = {x for x, key in key_map.items() if key in patches}
+        match.unmatched = sorted(k for k in tensors if not _has_prefix(k, matched))
+        if not patches:
+            raise LoraFileError(f"LoRA {entry.name!r}: none of its {len(tensors)} tensors match this model "
+                                f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")
+        matches.append(match)
+        signature.append(f"{ident}:{entry.strength_model!r}:{entry.strength_clip!r}")
+    return unet_plan, clip_plan, matches, "|".join(signature)
+
+
+def _has_prefix(tensor_key: str, prefixes: set) -> bool:
+    parts = tensor_key.split(".")
+    return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
+
+
+def _factors(name: str, key, adapter, token: str) -> LoraFactors:
+    if not isinstance(key, str):
+        raise NotImplementedError(f"LoRA {name!r}: key {key!r} patches part of a fused weight, which this pack "
+                                  "does not fuse yet; use the stock LoraLoader for this file")
+    if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
+        raise NotImplementedError(f"LoRA {name!r}: {key} is a {type(adapter).__name__} (LyCORIS) patch, which "
+                                  "this pack does not fuse yet; use the stock LoraLoader for this file")
+    up, down, alpha, mid, dora_scale, reshape = adapter.weights
+    if dora_scale is not None or reshape is not None:
+        raise NotImplementedError(f"LoRA {name!r}: {key} uses DoRA/reshape, which this pack does not fuse yet")
+    return LoraFactors.from_tensors(up, down, alpha, token, mid=mid)

@@ -1,0 +1,614 @@
+"""Deterministic test fixtures: a tiny real-architecture SD1.5 checkpoint and LoRA files for it.
+
+Nothing can be downloaded here, so tests, demos and benchmarks generate their models. The weights are random
+but fixed by a seed; architecture, key names and file format are real, and stock ComfyUI (0.3.75) loads them
+unchanged (detected as SD15, no missing/unexpected keys, every LoRA key mapped).
+
+Checkpoint (`CHECKPOINT_NAME`, original LDM key layout):
+  * UNet (`model.diffusion_model.*`, fp16): model_channels 320, context_dim 768, conv proj_in,
+    channel_mult [1], num_res_blocks [1], one transformer block (input_blocks.1.1), no middle block,
+    two output ResBlocks 640->320 (with a 1x1 skip_connection). ~13.6 M parameters.
+  * CLIP-L text encoder (`cond_stage_model.transformer.text_model.*`): full size (the stock loader always
+    builds the full model); 2-D weights stored as float8_e4m3fn, 1-D ones fp16. Like real SD1.5 checkpoints
+    it has no text_projection: ComfyUI leaves clip_l.transformer.text_projection.weight uninitialised (it is
+    not used by SD1.x conditioning), so compare weights across loads without that key.
+  * TAESD VAE (`first_stage_model.taesd_encoder.*`, `taesd_decoder.*`, `vae_scale`, `vae_shift`), fp16.
+
+LoRAs (`LORA_NAMES`): two kohya/sd-scripts files and one diffusers/PEFT file, each touching UNet and text
+encoder, covering linear layers, 1x1 convs and 3x3 convs; see `lora_manifest()`.
+
+Every tensor is drawn from its own generator seeded by (seed, file, tensor name), so files are bit-identical on
+every run with the same torch version. safetensors metadata has a single key (more keys are written in random
+order).
+
+CLI:  python scripts/make_fixtures.py OUT_DIR [--seed N] [--verify]
+      writes OUT_DIR/models/checkpoints/tiny_sd15.safetensors and OUT_DIR/models/loras/*.safetensors;
+      files whose content is already identical are not rewritten. --verify loads them with ComfyUI in-process
+      (COMFYUI_PATH or <repo>/.comfyui) and checks detection and LoRA key mapping.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import safetensors.torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+CHECKPOINT_NAME = "tiny_sd15.safetensors"
+LORA_KOHYA_A = "kohya_a.safetensors"
+LORA_KOHYA_B = "kohya_b.safetensors"
+LORA_PEFT_C = "peft_c.safetensors"
+LORA_NAMES = (LORA_KOHYA_A, LORA_KOHYA_B, LORA_PEFT_C)
+
+FIXTURE_VERSION = "1"
+VAE_SCALE = 0.005  # random UNet latents have std ~100; this keeps TAESD's input (and the images) unsaturated
+
+# ---------------------------------------------------------------------------------------------------------
+# deterministic random numbers
+
+
+def _tensor_seed(*parts) -> int:
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _randn(shape, *seed_parts) -> torch.Tensor:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_tensor_seed(*seed_parts))
+    return torch.randn(tuple(shape), generator=gen, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoint layout: name -> (shape, init kind)
+#   ("w", fan_in, gain): N(0, gain^2 / fan_in)   ("b", std): N(0, std^2)   ("norm_w",): 1 + N(0, 0.02^2)
+#   ("const", value)
+
+UNET_PREFIX = "model.diffusion_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+VAE_PREFIX = "first_stage_model."
+
+MC = 320          # model_channels
+TEMB = 4 * MC     # time embedding width
+CTX = 768         # context_dim (CLIP-L width)
+FF_INNER = 4 * MC
+
+
+def _linear(spec, name, n_in, n_out, bias=True, gain=1.0):
+    spec[name + ".weight"] = ((n_out, n_in), ("w", n_in, gain))
+    if bias:
+        spec[name + ".bias"] = ((n_out,), ("b", 0.02))
+
+
+def _conv(spec, name, n_in, n_out, k, bias=True, gain=1.0, bias_std=0.02):
+    spec[name + ".weight"] = ((n_out, n_in, k, k), ("w", n_in * k * k, gain))
+    if bias:
+        spec[name + ".bias"] = ((n_out,), ("b", bias_std))
+
+
+def _norm(spec, name, n):
+    spec[name + ".weight"] = ((n,), ("norm_w",))
+    spec[name + ".bias"] = ((n,), ("b", 0.02))
+
+
+def _resblock(spec, p, n_in, n_out):
+    _norm(spec, p + "in_layers.0", n_in)
+    _conv(spec, p + "in_layers.2", n_in, n_out, 3)
+    _linear(spec, p + "emb_layers.1", TEMB, n_out)
+    _norm(spec, p + "out_layers.0", n_out)
+    _conv(spec, p + "out_layers.3", n_out, n_out, 3)
+    if n_in != n_out:
+        _conv(spec, p + "skip_connection", n_in, n_out, 1)
+
+
+def _spatial_transformer(spec, p, ch):
+    _norm(spec, p + "norm", ch)
+    _conv(spec, p + "proj_in", ch, ch, 1)
+    t = p + "transformer_blocks.0."
+    for attn, kv_dim in (("attn1", ch), ("attn2", CTX)):
+        _linear(spec, t + attn + ".to_q", ch, ch, bias=False)
+        _linear(spec, t + attn + ".to_k", kv_dim, ch, bias=False)
+        _linear(spec, t + attn + ".to_v", kv_dim, ch, bias=False)
+        _linear(spec, t + attn + ".to_out.0", ch, ch)
+    _linear(spec, t + "ff.net.0.proj", ch, 2 * FF_INNER)
+    _linear(spec, t + "ff.net.2", FF_INNER, ch)
+    for n in ("norm1", "norm2", "norm3"):
+        _norm(spec, t + n, ch)
+    _conv(spec, p + "proj_out", ch, ch, 1)
+
+
+def _unet_spec():
+    s = {}
+    _linear(s, "time_embed.0", MC, TEMB)
+    _linear(s, "time_embed.2", TEMB, TEMB)
+    _conv(s, "input_blocks.0.0", 4, MC, 3)
+    _resblock(s, "input_blocks.1.0.", MC, MC)
+    _spatial_transformer(s, "input_blocks.1.1.", MC)
+    _resblock(s, "output_blocks.0.0.", 2 * MC, MC)  # input: h (320) + skip from input_blocks.1 (320)
+    _resblock(s, "output_blocks.1.0.", 2 * MC, MC)  # input: h (320) + skip from input_blocks.0 (320)
+    _norm(s, "out.0", MC)
+    _conv(s, "out.2", MC, 4, 3)
+    return s
+
+
+def _clip_spec():
+    s = {}
+    d, ff = 768, 3072
+    tm = "text_model."
+    s[tm + "embeddings.token_embedding.weight"] = ((49408, d), ("b", 0.02))
+    s[tm + "embeddings.position_embedding.weight"] = ((77, d), ("b", 0.01))
+    for i in range(12):
+        p = tm + "encoder.layers.{}.".format(i)
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            _linear(s, p + "self_attn." + proj, d, d)
+        _norm(s, p + "layer_norm1", d)
+        _norm(s, p + "layer_norm2", d)
+        _linear(s, p + "mlp.fc1", d, ff)
+        _linear(s, p + "mlp.fc2", ff, d)
+    _norm(s, tm + "final_layer_norm", d)
+    return s
+
+
+def _taesd_block(s, p, gain):
+    for j in (0, 2, 4):
+        _conv(s, p + "conv.{}".format(j), 64, 64, 3, gain=gain)
+
+
+def _vae_spec():
+    s = {}
+    e = "taesd_encoder."
+    _conv(s, e + "0", 3, 64, 3)
+    for i in (1, 3, 4, 5, 7, 8, 9, 11, 12, 13):
+        _taesd_block(s, e + "{}.".format(i), gain=1.0)
+    for i in (2, 6, 10):
+        _conv(s, e + str(i), 64, 64, 3, bias=False, gain=1.0)
+    _conv(s, e + "14", 64, 4, 3, gain=0.5)
+    d = "taesd_decoder."
+    _conv(s, d + "1", 4, 64, 3, gain=1.0)
+    for i in (3, 4, 5, 8, 9, 10, 13, 14, 15, 18):
+        _taesd_block(s, d + "{}.".format(i), gain=1.0)
+    for i in (7, 12, 17):
+        _conv(s, d + str(i), 64, 64, 3, bias=False, gain=1.0)
+    _conv(s, d + "19", 64, 3, 3, gain=1.0)
+    s[d + "19.bias"] = ((3,), ("const", 0.5))  # mid-grey images
+    s["vae_scale"] = ((), ("const", VAE_SCALE))
+    s["vae_shift"] = ((), ("const", 0.0))
+    return s
+
+
+def checkpoint_spec() -> dict:
+    """Return {checkpoint key: shape tuple} of the tiny SD1.5 checkpoint (no tensors are made)."""
+    out = {}
+    for prefix, spec in ((UNET_PREFIX, _unet_spec()), (CLIP_PREFIX, _clip_spec()), (VAE_PREFIX, _vae_spec())):
+        for k, (shape, _init) in spec.items():
+            out[prefix + k] = tuple(shape)
+    return out
+
+
+def _init_tensor(shape, init, *seed_parts) -> torch.Tensor:
+    kind = init[0]
+    if kind == "const":
+        return torch.full(tuple(shape), float(init[1]), dtype=torch.float32)
+    x = _randn(shape, *seed_parts)
+    if kind == "w":
+        return x * (init[2] / math.sqrt(init[1]))
+    if kind == "b":
+        return x * init[1]
+    if kind == "norm_w":
+        return 1.0 + 0.02 * x
+    raise ValueError(kind)
+
+
+def checkpoint_state_dict(seed: int = 0) -> dict:
+    """Build the tiny SD1.5 checkpoint tensors in memory: {key: tensor} (UNet/TAESD fp16, CLIP fp8/fp16)."""
+    sd = {}
+    for prefix, spec in ((UNET_PREFIX, _unet_spec()), (CLIP_PREFIX, _clip_spec()), (VAE_PREFIX, _vae_spec())):
+        for k, (shape, init) in spec.items():
+            key = prefix + k
+            t = _init_tensor(shape, init, "ckpt", seed, key)
+            if prefix == CLIP_PREFIX:
+                t = t.to(torch.float8_e4m3fn if t.ndim == 2 else torch.float16)
+            elif t.ndim == 0:
+                t = t.to(torch.float32)  # vae_scale / vae_shift scalars
+            else:
+                t = t.to(torch.float16)
+            sd[key] = t.contiguous()
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LoRA layout
+
+# diffusers module path -> LDM path (comfy.utils.unet_to_diffusers for this UNet config)
+_DIFFUSERS_TO_LDM = {
+    "down_blocks.0.resnets.0": "input_blocks.1.0",
+    "down_blocks.0.attentions.0": "input_blocks.1.1",
+    "up_blocks.0.resnets.0": "output_blocks.0.0",
+    "up_blocks.0.resnets.1": "output_blocks.1.0",
+}
+_RESNET_SUB = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
+               "conv_shortcut": "skip_connection"}
+
+_ATTN = "down_blocks.0.attentions.0"
+_TB = _ATTN + ".transformer_blocks.0"
+_ATTN_ALL = [_TB + ".attn{}.{}".format(a, p) for a in (1, 2) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+_TE_ATTN = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"]
+_TE_ALL = _TE_ATTN + ["mlp.fc1", "mlp.fc2"]
+
+
+@dataclass(frozen=True)
+class LoraFileSpec:
+    name: str
+    style: str              # "kohya" or "peft"
+    rank: int
+    alpha: float | None     # None: no .alpha keys (ComfyUI then uses scale 1.0)
+    dtype: torch.dtype
+    unet_modules: tuple     # diffusers module paths
+    te_modules: tuple       # (layer index, CLIP sub-module) pairs
+    rel_delta: float        # target std(delta W) / std(W) at strength 1
+
+
+LORA_SPECS = {
+    LORA_KOHYA_A: LoraFileSpec(
+        LORA_KOHYA_A, "kohya", rank=4, alpha=2.0, dtype=torch.float16,
+        unet_modules=tuple(_ATTN_ALL + [_TB + ".ff.net.0.proj", _TB + ".ff.net.2", _ATTN + ".proj_in",
+                                        _ATTN + ".proj_out", "down_blocks.0.resnets.0.conv1",
+                                        "down_blocks.0.resnets.0.conv2"]),
+        te_modules=tuple((i, m) for i in range(12) for m in _TE_ATTN),
+        rel_delta=0.25),
+    LORA_KOHYA_B: LoraFileSpec(
+        LORA_KOHYA_B, "kohya", rank=8, alpha=None, dtype=torch.bfloat16,
+        unet_modules=(_TB + ".attn2.to_k", _TB + ".attn2.to_v", _TB + ".ff.net.0.proj",
+                      "down_blocks.0.resnets.0.time_emb_proj",
+                      "up_blocks.0.resnets.0.conv1", "up_blocks.0.resnets.0.conv2",
+                      "up_blocks.0.resnets.0.conv_shortcut",
+                      "up_blocks.0.resnets.1.conv1", "up_blocks.0.resnets.1.conv2",
+                      "up_blocks.0.resnets.1.conv_shortcut"),
+        te_modules=tuple((i, m) for i in range(12) for m in ("self_attn.q_proj", "mlp.fc1", "mlp.fc2")),
+        rel_delta=0.25),
+    LORA_PEFT_C: LoraFileSpec(
+        LORA_PEFT_C, "peft", rank=16, alpha=8.0, dtype=torch.float32,
+        unet_modules=tuple(_ATTN_ALL + [_TB + ".ff.net.0.proj", _TB + ".ff.net.2", _ATTN + ".proj_in",
+                                        _ATTN + ".proj_out", "down_blocks.0.resnets.0.conv1",
+                                        "down_blocks.0.resnets.0.conv2", "up_blocks.0.resnets.0.conv2",
+                                        "up_blocks.0.resnets.1.conv_shortcut"]),
+        te_modules=tuple((i, m) for i in range(12) for m in _TE_ALL),
+        rel_delta=0.25),
+}
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    lora_name: str          # key prefix in the LoRA file (before .lora_down.weight / .lora_A.weight / .alpha)
+    model_key: str          # ComfyUI model state-dict key it patches (diffusion_model.* or clip_l.transformer.*)
+    checkpoint_key: str     # the same weight's key in the checkpoint file
+    kind: str               # "linear", "conv1x1" or "conv3x3"
+    shape: tuple            # shape of the patched weight
+
+
+@dataclass(frozen=True)
+class LoraFileInfo:
+    name: str
+    style: str
+    rank: int
+    alpha: float | None
+    dtype: torch.dtype
+    modules: tuple                  # LoraModule, in file order
+    tensor_keys: frozenset          # every key in the file
+
+    @property
+    def model_keys(self) -> frozenset:
+        return frozenset(m.model_key for m in self.modules)
+
+    @property
+    def key_map(self) -> dict:
+        """{lora module name: ComfyUI model key} - what comfy.lora.load_lora should produce."""
+        return {m.lora_name: m.model_key for m in self.modules}
+
+    def count_by_kind(self) -> dict:
+        out = {"linear": 0, "conv1x1": 0, "conv3x3": 0}
+        for m in self.modules:
+            out[m.kind] += 1
+        return out
+
+
+def _ldm_path(diffusers_path):
+    for dp, lp in _DIFFUSERS_TO_LDM.items():
+        if diffusers_path.startswith(dp + "."):
+            rest = diffusers_path[len(dp) + 1:]
+            return lp + "." + _RESNET_SUB.get(rest, rest)
+    raise KeyError(diffusers_path)
+
+
+def _kind(shape):
+    if len(shape) == 2:
+        return "linear"
+    return "conv{}x{}".format(shape[2], shape[3])
+
+
+def _lora_modules(spec: LoraFileSpec):
+    shapes = checkpoint_spec()
+    mods = []
+    for dpath in spec.unet_modules:
+        ldm = _ldm_path(dpath)
+        if spec.style == "kohya":
+            name = "lora_unet_" + dpath.replace(".", "_")
+        else:
+            name = "unet." + dpath.replace(".to_", ".processor.to_")
+            if name.endswith(".to_out.0"):
+                name = name[:-2]
+        ck = UNET_PREFIX + ldm + ".weight"
+        mods.append(LoraModule(name, "diffusion_model." + ldm + ".weight", ck, _kind(shapes[ck]), shapes[ck]))
+    for i, sub in spec.te_modules:
+        if spec.style == "kohya":
+            name = "lora_te_text_model_encoder_layers_{}_{}".format(i, sub.replace(".", "_"))
+        else:
+            name = "text_encoder.text_model.encoder.layers.{}.{}".format(i, sub)
+        path = "text_model.encoder.layers.{}.{}.weight".format(i, sub)
+        ck = CLIP_PREFIX + path
+        mods.append(LoraModule(name, "clip_l.transformer." + path, ck, _kind(shapes[ck]), shapes[ck]))
+    return tuple(mods)
+
+
+def _factor_names(style):
+    return (".lora_down.weight", ".lora_up.weight") if style == "kohya" else (".lora_A.weight", ".lora_B.weight")
+
+
+def lora_manifest() -> dict:
+    """Return {LoRA file name: LoraFileInfo} for every generated LoRA file (independent of the seed).
+
+    LoraFileInfo.tensor_keys is the exact key set of the file, .modules lists each LoRA module with the ComfyUI
+    model key it maps to (.key_map / .model_keys), its kind (linear / conv1x1 / conv3x3) and weight shape.
+    """
+    out = {}
+    for name, spec in LORA_SPECS.items():
+        mods = _lora_modules(spec)
+        down, up = _factor_names(spec.style)
+        keys = set()
+        for m in mods:
+            keys.update((m.lora_name + down, m.lora_name + up))
+            if spec.alpha is not None:
+                keys.add(m.lora_name + ".alpha")
+        out[name] = LoraFileInfo(name, spec.style, spec.rank, spec.alpha, spec.dtype, mods, frozenset(keys))
+    return out
+
+
+def lora_state_dict(name: str, seed: int = 0) -> dict:
+    """Build the tensors of LoRA file `name` (one of LORA_NAMES) in memory: {key: tensor}.
+
+    down/A: [rank, in(, kh, kw)] with std 1/sqrt(fan_in); up/B: [out, rank(, 1, 1)], scaled so that
+    std(alpha/rank * up @ down) = spec.rel_delta * std(base weight).
+    """
+    spec = LORA_SPECS[name]
+    down_sfx, up_sfx = _factor_names(spec.style)
+    r = spec.rank
+    scale = (spec.alpha / r) if spec.alpha is not None else 1.0
+    sd = {}
+    for m in _lora_modules(spec):
+        out_dim, in_dim = m.shape[0], m.shape[1]
+        fan_in = int(math.prod(m.shape[1:]))
+        conv = len(m.shape) == 4
+        down_shape = (r, in_dim) + tuple(m.shape[2:]) if conv else (r, in_dim)
+        up_shape = (out_dim, r, 1, 1) if conv else (out_dim, r)
+        down = _randn(down_shape, "lora", seed, name, m.lora_name, "down") / math.sqrt(fan_in)
+        # base std is 1/sqrt(fan_in) for every patched weight; delta std = scale * sqrt(r) * std_up * std_down
+        up_std = spec.rel_delta / (scale * math.sqrt(r))
+        up = _randn(up_shape, "lora", seed, name, m.lora_name, "up") * up_std
+        sd[m.lora_name + down_sfx] = down.to(spec.dtype).contiguous()
+        sd[m.lora_name + up_sfx] = up.to(spec.dtype).contiguous()
+        if spec.alpha is not None:
+            sd[m.lora_name + ".alpha"] = torch.tensor(spec.alpha, dtype=spec.dtype)
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# writing
+
+
+def _metadata(what, seed):
+    return {"fixture": "comfyui-batch-lora {} v{} seed={}".format(what, FIXTURE_VERSION, seed)}
+
+
+def _write_if_changed(path: Path, tensors: dict, metadata: dict) -> bool:
+    """Write tensors to path unless an identical file is already there. Returns True if written."""
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    path = Path(path)
+    if path.is_file() and path.stat().st_size == len(data):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 24), b""):
+                h.update(chunk)
+        if h.digest() == hashlib.sha256(data).digest():
+            return False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp{}".format(os.getpid()))
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+    return True
+
+
+def make_sd15_checkpoint(path, seed: int = 0) -> Path:
+    """Write the tiny SD1.5 checkpoint to `path` (rewritten only if its content differs). Returns the path."""
+    path = Path(path)
+    _write_if_changed(path, checkpoint_state_dict(seed), _metadata("tiny_sd15", seed))
+    return path
+
+
+def make_loras(lora_dir, seed: int = 0) -> dict:
+    """Write every LoRA file of LORA_NAMES into `lora_dir`. Returns {file name: path}."""
+    lora_dir = Path(lora_dir)
+    out = {}
+    for name in LORA_NAMES:
+        p = lora_dir / name
+        _write_if_changed(p, lora_state_dict(name, seed), _metadata(name[:-len(".safetensors")], seed))
+        out[name] = p
+    return out
+
+
+def make_fixtures(out_dir, seed: int = 0) -> dict:
+    """Write OUT_DIR/models/checkpoints/CHECKPOINT_NAME and OUT_DIR/models/loras/<LORA_NAMES>.
+
+    Returns {"checkpoint": path, "loras": {name: path}}.
+    """
+    out_dir = Path(out_dir)
+    ckpt = make_sd15_checkpoint(out_dir / "models" / "checkpoints" / CHECKPOINT_NAME, seed)
+    loras = make_loras(out_dir / "models" / "loras", seed)
+    return {"checkpoint": ckpt, "loras": loras}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# verification with ComfyUI itself (in-process)
+
+
+def default_comfy_path() -> Path:
+    """The ComfyUI checkout to use: $COMFYUI_PATH or <repo>/.comfyui."""
+    return Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".comfyui")
+
+
+def import_comfy(path=None):
+    """Make ComfyUI's `comfy` package importable in-process, forced to the CPU. Returns the comfy.sd module.
+
+    Puts the ComfyUI root on sys.path (never this repo's root: ComfyUI has its own top-level `nodes`).
+    Must run before anything else imports comfy.model_management.
+    """
+    root = str(Path(path) if path else default_comfy_path())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = True
+    import comfy.sd
+    import comfy.lora  # noqa: F401
+    return comfy.sd
+
+
+class _CaptureLog(logging.Handler):
+    """Collect the tails of root-logger records that start with `prefix` (ComfyUI logs via the root logger)."""
+
+    def __init__(self, prefix):
+        super().__init__(logging.WARNING)
+        self.prefix = prefix
+        self.items = []
+
+    def emit(self, record):
+        msg = record.getMessage()
+        if msg.startswith(self.prefix):
+            self.items.append(msg[len(self.prefix):])
+
+    def __enter__(self):
+        root = logging.getLogger()
+        self._old_level = root.level
+        root.setLevel(min(root.level, logging.WARNING) if root.level else logging.WARNING)
+        root.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        root = logging.getLogger()
+        root.removeHandler(self)
+        root.setLevel(self._old_level)
+
+
+def comfy_lora_report(checkpoint_path, lora_paths, comfy_root=None) -> dict:
+    """Load the checkpoint and each LoRA with ComfyUI's own code and report the key mapping.
+
+    Returns {lora file name: {"patched": {model key, ...}  (keys comfy.lora.load_lora patches),
+                              "unmatched": [keys load_lora logged as "lora key not loaded"],
+                              "expected": LoraFileInfo.model_keys (None for files not in the manifest)}}.
+    Uses model_lora_keys_unet + model_lora_keys_clip on the loaded model, as comfy.sd.load_lora_for_models does.
+    """
+    comfy_sd = import_comfy(comfy_root)
+    import comfy.lora
+    import comfy.lora_convert
+    import comfy.utils
+    manifest = lora_manifest()
+    with torch.inference_mode():
+        model, clip, _vae, _ = comfy_sd.load_checkpoint_guess_config(
+            str(checkpoint_path), output_vae=False, output_clip=True, output_clipvision=False)
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+        report = {}
+        for p in lora_paths:
+            p = Path(p)
+            lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(str(p), safe_load=True))
+            with _CaptureLog("lora key not loaded: ") as cap:
+                patches = comfy.lora.load_lora(lora, key_map, log_missing=True)
+            info = manifest.get(p.name)
+            report[p.name] = {
+                "patched": set(patches.keys()),
+                "unmatched": sorted(cap.items),
+                "expected": info.model_keys if info else None,
+            }
+    return report
+
+
+def verify_with_comfy(out_dir, comfy_root=None) -> dict:
+    """Check the fixtures under OUT_DIR with ComfyUI in-process; raise AssertionError on any problem.
+
+    Checks: detected as SD15, UNet/CLIP/VAE have no missing or unexpected keys and only finite parameters,
+    VAE is TAESD, and every LoRA file maps completely (no unmatched key, patches == manifest model keys).
+    Returns the comfy_lora_report() result.
+    """
+    comfy_sd = import_comfy(comfy_root)
+    import comfy.supported_models
+    import comfy.utils
+    out_dir = Path(out_dir)
+    ckpt = out_dir / "models" / "checkpoints" / CHECKPOINT_NAME
+    sd = comfy.utils.load_torch_file(str(ckpt), safe_load=True)
+    with torch.inference_mode():
+        model, clip, vae, _ = comfy_sd.load_state_dict_guess_config(dict(sd), output_vae=True, output_clip=True)
+        assert type(model.model.model_config) is comfy.supported_models.SD15, type(model.model.model_config)
+        ldm = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+        m, u = model.model.diffusion_model.load_state_dict(ldm, strict=False)
+        assert not m and not u, ("unet", m, u)
+        clip_sd = {k.replace("cond_stage_model.", "clip_l.", 1): v for k, v in sd.items()
+                   if k.startswith("cond_stage_model.")}
+        m, u = clip.cond_stage_model.load_state_dict(clip_sd, strict=False)
+        # logit_scale has a built-in value; text_projection is absent from SD1.5 checkpoints (unused there).
+        m = [k for k in m if k not in ("clip_l.logit_scale", "clip_l.transformer.text_projection.weight")]
+        assert not m and not u, ("clip", m, u)
+        assert type(vae.first_stage_model).__name__ == "TAESD", type(vae.first_stage_model)
+        vae_sd = {k[len(VAE_PREFIX):]: v for k, v in sd.items() if k.startswith(VAE_PREFIX)}
+        m, u = vae.first_stage_model.load_state_dict(vae_sd, strict=False)
+        assert not m and not u, ("vae", m, u)
+        for what, mod in (("unet", model.model), ("clip", clip.cond_stage_model), ("vae", vae.first_stage_model)):
+            for k, v in mod.state_dict().items():
+                if k.endswith("text_projection.weight"):
+                    continue
+                assert torch.isfinite(v.float()).all(), (what, k)
+    report = comfy_lora_report(ckpt, [out_dir / "models" / "loras" / n for n in LORA_NAMES], comfy_root)
+    for name, r in report.items():
+        assert not r["unmatched"], (name, r["unmatched"])
+        assert r["patched"] == r["expected"], (name, sorted(r["patched"] ^ r["expected"]))
+    return report
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("out_dir", help="writes OUT_DIR/models/checkpoints/ and OUT_DIR/models/loras/")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--verify", action="store_true", help="also check the files with ComfyUI in-process")
+    a = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    paths = make_fixtures(a.out_dir, a.seed)
+    print("fixtures in {:.1f} s:".format(time.perf_counter() - t0))
+    for p in [paths["checkpoint"], *paths["loras"].values()]:
+        print("  {}  {:.1f} MiB".format(p, p.stat().st_size / 2**20))
+    if a.verify:
+        t0 = time.perf_counter()
+        report = verify_with_comfy(a.out_dir)
+        for name, r in report.items():
+            print("  {}: {} modules patched, 0 unmatched".format(name, len(r["patched"])))
+        print("verified with ComfyUI in {:.1f} s".format(time.perf_counter() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,25 @@
+"""Shared test oracle: how far a rounded merge may sit from the exact (float64) value."""
+import torch
+
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at ``|x|`` (float64), including the fixed spacing of subnormals."""
+    min_exp = torch.log2(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64))
+    exp = torch.maximum(torch.floor(torch.log2(x.double().abs().clamp_min(1e-300))), min_exp)
+    return torch.pow(2.0, exp - MANTISSA_BITS[dtype])
+
+
+def beyond_one_rounding(result: torch.Tensor, exact: torch.Tensor, operands: torch.Tensor) -> int:
+    """Count elements of ``result`` further from ``exact`` than one rounding to ``result.dtype`` (half an ulp)
+    plus the fp32 accumulation error of the operands (``operands`` = |base| + sum |s*scale| |up| @ |down|)."""
+    bound = ulp(exact, result.dtype) / 2 + 64 * 2.0 ** -24 * operands.double()
+    return int(((result.double() - exact.double()).abs() > bound).sum())
+
+
+def beyond_one_step(a: torch.Tensor, b: torch.Tensor, operands: torch.Tensor) -> int:
+    """Count elements where two results of the same merge (other summation order) differ by more than one
+    rounding step of their dtype at ``b`` plus the fp32 accumulation error of the operands."""
+    bound = ulp(b, a.dtype) + 64 * 2.0 ** -24 * operands.double()
+    return int(((a.double() - b.double()).abs() > bound).sum())

@@ -1,0 +1,204 @@
+"""The nodes inside the real ComfyUI host, in-process: merges against an independent fp32 oracle computed from
+the files on disk and against stock ComfyUI's LoraLoader chain; exact reset; plain paths; in-place writes;
+no work for an unchanged stack; bad LoRAs rejected with the model left bit-identical."""
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import make_fixtures as fx
+from comfy_host import load, load_checkpoint, weights
+from oracle import beyond_one_rounding, beyond_one_step
+
+pytestmark = pytest.mark.host
+
+A, B, C = fx.LORA_KOHYA_A, fx.LORA_KOHYA_B, fx.LORA_PEFT_C
+MANIFEST = fx.lora_manifest()
+
+
+def row(name, sm=1.0, sc=1.0, on=True):
+    return {"on": on, "lora": name, "strength_model": sm, "strength_clip": sc}
+
+
+def run_loader(h, model, clip, *rows, lora_stack=None):
+    kwargs = {f"lora_{i + 1}": r for i, r in enumerate(rows)}
+    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack, **kwargs)
+
+
+def oracle(fixtures_dir, stack):
+    """float64 ``base + sum s * alpha/r * up @ down`` per model key, read straight from the files on disk.
+
+    stack: [(file name, strength_model, strength_clip)]. Returns {model key: (reference, operand magnitude)}."""
+    ckpt = load_file(str(fixtures_dir / "models" / "checkpoints" / fx.CHECKPOINT_NAME))
+    out = {}
+    for name, sm, sc in stack:
+        info = MANIFEST[name]
+        tensors = load_file(str(fixtures_dir / "models" / "loras" / name))
+        down_sfx, up_sfx = (".lora_down.weight", ".lora_up.weight") if info.style == "kohya" else (".lora_A.weight", ".lora_B.weight")
+        for m in info.modules:
+            if m.model_key not in out:
+                base = ckpt[m.checkpoint_key].double()
+                out[m.model_key] = [base.clone(), base.abs()]
+            s = sm if m.model_key.startswith("diffusion_model.") else sc
+            up = tensors[m.lora_name + up_sfx].double().flatten(1)
+            down = tensors[m.lora_name + down_sfx].double()
+            scale = (info.alpha / down.shape[0]) if info.alpha is not None else 1.0
+            delta = (up @ down.flatten(1)).reshape(m.shape) * (s * scale)
+            mag = (up.abs() @ down.abs().flatten(1)).reshape(m.shape) * abs(s * scale)
+            out[m.model_key][0] += delta
+            out[m.model_key][1] += mag
+    return out
+
+
+STACK = [(A, 0.8, 1.0), (C, 0.6, 0.5), (B, -0.7, 1.3)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_apply_matches_fp32_oracle_from_files(comfy_host, fixtures_dir, dtype):
+    h = comfy_host
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, dtype)
+    m2, c2, report = run_loader(h, model, clip, *(row(n, sm, sc) for n, sm, sc in STACK))
+    with torch.inference_mode():
+        load(h, m2, c2.load_model())
+    ref = oracle(fixtures_dir, STACK)
+    for key, (expected, mag) in ref.items():
+        patcher = m2 if key.startswith("diffusion_model.") else c2.patcher
+        live = patcher.model.get_parameter(key).detach()
+        assert beyond_one_rounding(live, expected, mag) == 0, key
+    assert f"{A}  model 0.8 clip 1  unet 14 keys, clip 48 keys, 0 unmatched" in report
+    assert report.count("0 unmatched") == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_agrees_with_stock_loraloader_chain(comfy_host, fixtures_dir, dtype, capsys):
+    h = comfy_host
+    operands = {k: mag for k, (_, mag) in oracle(fixtures_dir, STACK).items()}
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, dtype)
+    keys_u = sorted(set().union(*(MANIFEST[n].model_keys for n, _, _ in STACK)))
+    stock_m, stock_c = model, clip
+    for name, sm, sc in STACK:
+        stock_m, stock_c = h.nodes.LoraLoader().load_lora(stock_m, stock_c, name, sm, sc)
+    with torch.inference_mode():
+        load(h, stock_m, stock_c.load_model())
+        stock = {k: (stock_m if k.startswith("diffusion_model.") else stock_c.patcher).model.get_parameter(k).detach().clone()
+                 for k in keys_u}
+        ours_m, ours_c, _ = run_loader(h, model, clip, *(row(n, sm, sc) for n, sm, sc in STACK))
+        load(h, ours_m, ours_c.load_model())
+    total = identical = 0
+    for key in keys_u:
+        live = (ours_m if key.startswith("diffusion_model.") else ours_c.patcher).model.get_parameter(key).detach()
+        s = stock[key]
+        total += s.numel()
+        identical += int((live == s).sum())
+        # Same operands, different summation order (one fused matmul vs one matmul per LoRA): at most one
+        # rounding step of the result apart, plus fp32 accumulation error measured against the operands.
+        assert beyond_one_step(live, s, operands[key]) == 0, key
+    with capsys.disabled():
+        print(f"\n[{dtype}] vs stock LoraLoader chain: {identical}/{total} elements identical "
+              f"({100 * identical / total:.2f}%), the rest within one rounding step")
+    assert identical / total > (0.95 if dtype == torch.float16 else 0.5)
+
+
+def test_reset_plain_path_and_in_place_writes(comfy_host):
+    h = comfy_host
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    fresh_model, fresh_clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        load(h, fresh_model, fresh_clip.load_model())
+        base_u, base_c = weights(fresh_model), weights(fresh_clip.patcher)
+        del fresh_model, fresh_clip
+        params = {k: (p, p.data_ptr()) for k, p in model.model.named_parameters()}
+        load(h, model, clip.load_model())
+        own_u = weights(model, list(params))  # every parameter, including ones a fresh load leaves uninitialised
+        own_c = weights(clip.patcher, [k for k, _ in clip.patcher.model.named_parameters()])
+        lora_m, lora_c, _ = run_loader(h, model, clip, row(A, 1.0, 1.0), row(C, 0.5, 0.7))
+        load(h, lora_m, lora_c.load_model())
+        touched = MANIFEST[A].model_keys | MANIFEST[C].model_keys
+        assert all(not torch.equal(lora_m.model.get_parameter(k), base_u[k]) for k in touched if k in base_u)
+        load(h, model, clip.load_model())  # plain path right after the LoRA path
+        assert all(torch.equal(v, base_u[k]) for k, v in weights(model).items())
+        assert all(torch.equal(v, base_c[k]) for k, v in weights(clip.patcher).items())
+        load(h, lora_m, lora_c.load_model())
+        reset_m, reset_c = h.pack.ResetAdapters().reset(False, lora_m, lora_c)
+        load(h, reset_m, reset_c.load_model())
+        assert all(torch.equal(v, base_u[k]) for k, v in weights(reset_m).items())
+        assert all(torch.equal(v, base_c[k]) for k, v in weights(reset_c.patcher).items())
+        assert all(torch.equal(v, own_u[k]) for k, v in weights(reset_m, list(own_u)).items())
+        assert all(torch.equal(v, own_c[k]) for k, v in weights(reset_c.patcher, list(own_c)).items())
+        for k, p in model.model.named_parameters():
+            assert p is params[k][0] and p.data_ptr() == params[k][1], k
+
+
+def test_unchanged_stack_costs_nothing_and_edit_rebakes_only_touched(comfy_host):
+    h = comfy_host
+    from batch_lora.nodes.lifecycle import engine_for
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        m1, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))
+        load(h, m1)
+        engine = engine_for(model.model, create=False)
+        first = (engine.counters.merges, engine.counters.writes)
+        assert first[0] == len(MANIFEST[A].model_keys | MANIFEST[C].model_keys) - 96 // 2 * 0 - sum(
+            1 for k in MANIFEST[A].model_keys | MANIFEST[C].model_keys if not k.startswith("diffusion_model."))
+        m1_again, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))  # node re-executes: new clone
+        assert m1_again.patches_uuid == m1.patches_uuid
+        load(h, m1_again)
+        load(h, m1)
+        assert (engine.counters.merges, engine.counters.writes) == first
+        edited, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.4))
+        load(h, edited)
+        touched = len({k for k in MANIFEST[A].model_keys | MANIFEST[C].model_keys if k.startswith("diffusion_model.")})
+        assert engine.counters.merges == first[0] + touched
+        assert engine.counters.writes == first[1] + touched
+
+
+def test_bad_loras_rejected_and_model_left_bit_identical(comfy_host, fixtures_dir):
+    h = comfy_host
+    from batch_lora.core import FuseError, LoraFileError
+    loras = fixtures_dir / "models" / "loras"
+    bad = load_file(str(loras / A))
+    first = next(k for k in sorted(bad) if k.endswith(".lora_up.weight"))
+    bad[first] = bad[first].clone()
+    bad[first][0, 0] = float("nan")
+    save_file(bad, str(loras / "nan_lora.safetensors"))
+    # Finite factors whose product overflows fp16 (|delta| ~ 1e6 x the weights): only visible while baking.
+    huge = {k: v.float() * (1000.0 if k.endswith("weight") else 1.0) for k, v in load_file(str(loras / A)).items()}
+    save_file(huge, str(loras / "overflow_lora.safetensors"))
+    h.folder_paths.filename_list_cache.pop("loras", None)
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        good_m, good_c, _ = run_loader(h, model, clip, row(C, 0.5, 0.5))
+        load(h, good_m, good_c.load_model())
+        before_u, before_c = weights(good_m), weights(good_c.patcher)
+        with pytest.raises(LoraFileError, match=f"nan_lora.safetensors.*{first}.*NaN"):
+            run_loader(h, good_m, good_c, row("nan_lora.safetensors"))
+        with pytest.raises(LoraFileError, match="missing.safetensors"):
+            run_loader(h, good_m, good_c, row("missing.safetensors"))
+        with pytest.raises(ValueError, match="lora_1.strength_model"):
+            run_loader(h, good_m, good_c, row(A, float("inf")))
+        assert all(torch.equal(v, before_u[k]) for k, v in weights(good_m).items())
+        # A result that overflows fp16 is only seen while baking: the load fails and nothing stays half-patched.
+        huge_m, _, _ = run_loader(h, good_m, None, row("overflow_lora.safetensors", 5.0))
+        with pytest.raises(FuseError, match="NaN/Inf"):
+            load(h, huge_m)
+        load(h, good_m, good_c.load_model())
+        assert all(torch.equal(v, before_u[k]) for k, v in weights(good_m).items())
+        assert all(torch.equal(v, before_c[k]) for k, v in weights(good_c.patcher).items())
+
+
+def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
+    h = comfy_host
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        one_m, one_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0), row(C, 0.6, 0.5))
+        load(h, one_m, one_c.load_model())
+        expected_u, expected_c = weights(one_m), weights(one_c.patcher)
+        mid_m, mid_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0))
+        two_m, two_c, _ = run_loader(h, mid_m, mid_c, row(C, 0.6, 0.5))
+        load(h, two_m, two_c.load_model())
+        assert all(torch.equal(v, expected_u[k]) for k, v in weights(two_m).items())
+        stack_m, stack_c, _ = run_loader(h, model, clip, row(C, 0.6, 0.5), lora_stack=[(A, 0.8, 1.0)])
+        load(h, stack_m, stack_c.load_model())
+        assert all(torch.equal(v, expected_u[k]) for k, v in weights(stack_m).items())
+        assert all(torch.equal(v, expected_c[k]) for k, v in weights(stack_c.patcher).items())

@@ -1,0 +1,158 @@
+// Batch LoRA Loader rows in the ComfyUI frontend. Each row is one widget named lora_N whose value is the plain
+// object the node receives in API prompts: {on, lora, strength_model, strength_clip}. The UI edits exactly that
+// value, so a workflow saved here and its API export carry the same rows.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const NODE = "BatchLoraLoader";
+const ROW_H = 24;
+const isRow = (v) => v && typeof v === "object" && "lora" in v;
+
+async function loraNames() {
+  const res = await api.fetchApi("/models/loras");
+  return res.ok ? await res.json() : [];
+}
+
+function fmt(x) {
+  return Number(x).toFixed(2);
+}
+
+function rowWidget(node, value) {
+  // Click zones, left to right: [on/off] [LoRA name ...] [model strength] [clip strength] [x]
+  const w = {
+    name: "lora_0",
+    type: "batch_lora_row",
+    value: { on: true, lora: null, strength_model: 1.0, strength_clip: 1.0, ...value },
+    options: {},
+    zones: {},
+    computeSize(width) {
+      return [width, ROW_H];
+    },
+    draw(ctx, node, width, y, h) {
+      const v = this.value;
+      const m = 10, sw = 46;
+      const z = (this.zones = {
+        on: [m, m + 18],
+        name: [m + 24, width - m - 2 * sw - 30],
+        sm: [width - m - 2 * sw - 24, width - m - sw - 24],
+        sc: [width - m - sw - 20, width - m - 20],
+        del: [width - m - 16, width - m],
+      });
+      ctx.save();
+      ctx.fillStyle = "#222";
+      ctx.beginPath();
+      ctx.roundRect(m, y + 2, width - 2 * m, h - 4, 6);
+      ctx.fill();
+      ctx.globalAlpha = v.on ? 1 : 0.45;
+      ctx.fillStyle = v.on ? "#6a6" : "#555";
+      ctx.beginPath();
+      ctx.arc(z.on[0] + 9, y + h / 2, 6, 0, Math.PI * 2);
+      ctx.fill();
+      ctx.fillStyle = "#ddd";
+      ctx.font = "12px sans-serif";
+      ctx.textBaseline = "middle";
+      const label = v.lora || "(pick a LoRA)";
+      ctx.save();
+      ctx.beginPath();
+      ctx.rect(z.name[0], y, z.name[1] - z.name[0], h);
+      ctx.clip();
+      ctx.fillText(label, z.name[0], y + h / 2);
+      ctx.restore();
+      ctx.textAlign = "center";
+      ctx.fillStyle = "#aac";
+      ctx.fillText(fmt(v.strength_model), (z.sm[0] + z.sm[1]) / 2, y + h / 2);
+      ctx.fillStyle = "#caa";
+      ctx.fillText(fmt(v.strength_clip), (z.sc[0] + z.sc[1]) / 2, y + h / 2);
+      ctx.fillStyle = "#999";
+      ctx.fillText("\u2715", (z.del[0] + z.del[1]) / 2, y + h / 2);
+      ctx.restore();
+    },
+    mouse(event, pos, node) {
+      if (event.type !== "pointerdown" && event.type !== "mousedown") return false;
+      const x = pos[0];
+      const hit = (k) => this.zones[k] && x >= this.zones[k][0] && x <= this.zones[k][1];
+      const v = this.value;
+      if (hit("on")) v.on = !v.on;
+      else if (hit("del")) removeRow(node, this);
+      else if (hit("name")) pickLora(event, (name) => { v.lora = name; node.setDirtyCanvas(true, true); });
+      else if (hit("sm") || hit("sc")) {
+        const key = hit("sm") ? "strength_model" : "strength_clip";
+        app.canvas.prompt(key, v[key], (text) => {
+          const n = Number(text);
+          if (Number.isFinite(n)) v[key] = n;
+          node.setDirtyCanvas(true, true);
+        }, event);
+      } else return false;
+      node.setDirtyCanvas(true, true);
+      return true;
+    },
+    serializeValue() {
+      return { ...this.value };
+    },
+  };
+  return w;
+}
+
+async function pickLora(event, done) {
+  const names = await loraNames();
+  new LiteGraph.ContextMenu(names.length ? names : ["(no LoRA files in models/loras)"], {
+    event,
+    title: "LoRA",
+    callback: (name) => names.includes(name) && done(name),
+  });
+}
+
+function rows(node) {
+  return (node.widgets || []).filter((w) => w.type === "batch_lora_row");
+}
+
+function renumber(node) {
+  rows(node).forEach((w, i) => (w.name = `lora_${i + 1}`));
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  node.setDirtyCanvas(true, true);
+}
+
+function addRow(node, value) {
+  const w = rowWidget(node, value);
+  node.addCustomWidget(w);
+  // Keep rows before the buttons so widgets_values stays [row, row, ...].
+  const buttons = node.widgets.filter((x) => x.type !== "batch_lora_row");
+  node.widgets = [...rows(node), ...buttons];
+  renumber(node);
+  return w;
+}
+
+function removeRow(node, w) {
+  node.widgets.splice(node.widgets.indexOf(w), 1);
+  renumber(node);
+}
+
+app.registerExtension({
+  name: "comfyui-batch-lora.BatchLoraLoader",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE) return;
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      const add = this.addWidget("button", "+ Add LoRA", null, () => {
+        pickLora(app.canvas.last_mouse_event || window.event, (name) => addRow(this, { lora: name }));
+      });
+      add.options.serialize = false;
+      const all = this.addWidget("button", "Toggle all", null, () => {
+        const rs = rows(this);
+        const on = !rs.every((w) => w.value.on);
+        rs.forEach((w) => (w.value.on = on));
+        this.setDirtyCanvas(true, true);
+      });
+      all.options.serialize = false;
+      return r;
+    };
+    const configure = nodeType.prototype.configure;
+    nodeType.prototype.configure = function (info) {
+      // Rebuild the rows from the saved values before LiteGraph assigns widgets_values by index.
+      for (const w of rows(this)) this.widgets.splice(this.widgets.indexOf(w), 1);
+      for (const v of info.widgets_values || []) if (isRow(v)) addRow(this, v);
+      return configure.apply(this, arguments);
+    };
+  },
+});
