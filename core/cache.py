@@ -46,6 +46,10 @@ class BaseCache:
     def __len__(self) -> int:
         return len(self._copies)
 
+    def keys(self) -> list[str]:
+        """The weight keys that have a cached base."""
+        return list(self._copies)
+
     @property
     def nbytes(self) -> int:
         """Bytes held by all copies."""

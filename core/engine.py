@@ -143,6 +143,13 @@ class InPlacePatcher:
         report.seconds = time.perf_counter() - start
         return report
 
+    def release_cache(self) -> int:
+        """Drop the base copies of keys that are at their base now (a later apply re-captures them); keys that
+        still hold terms keep theirs, which their restore needs. Returns the bytes released."""
+        before = self.cache.nbytes
+        self.cache.drop([key for key in self.cache.keys() if key not in self._applied])
+        return before - self.cache.nbytes
+
     def reset(self) -> ApplyReport:
         """Restore every applied key to its exact base (bit-identical to before the first apply)."""
         return self.apply({})

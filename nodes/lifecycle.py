@@ -28,11 +28,12 @@ from comfy.patcher_extension import CallbacksMP
 
 from ..core import ApplyInterrupted, BaseCache, InPlacePatcher, Term
 
-__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "drop_state"]
+__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "release_caches"]
 
 log = logging.getLogger("comfyui-batch-lora")
 
 KEY = "batch_lora"
+RELEASE_KEY = "batch_lora_release_cache"  # attachment: drop base copies once this patcher's load restored them
 _NAMESPACE = uuid.UUID("5f0c2a9e-9a51-4c53-9a8e-3c0b7a1e0b1d")
 
 
@@ -82,17 +83,22 @@ def _clean_uuid(patcher) -> uuid.UUID | None:
     return spec.clean_uuid if patcher.patches_uuid == spec.own_uuid else None
 
 
-def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labels: Sequence[str] = ()):
+def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labels: Sequence[str] = (),
+               release_cache: bool = False):
     """A clone of ``patcher`` (ModelPatcher) whose weights will be ``base + plan`` when ComfyUI loads it.
 
     An empty ``plan`` gives a clone without any stack of this pack (Reset Adapters): its uuid is the model's
-    clean uuid when known, so it shares baked weights with the plain path. The input patcher is not modified.
+    clean uuid when known, so it shares baked weights with the plain path; with ``release_cache`` its load also
+    drops the pack's base copies of the restored keys. The input patcher is not modified.
     """
     clean = _clean_uuid(patcher)
     clone = patcher.clone()
     clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    clone.attachments.pop(RELEASE_KEY, None)
     if not plan:
         clone.attachments.pop(KEY, None)
+        if release_cache:
+            clone.set_attachments(RELEASE_KEY, True)
         clone.patches_uuid = clean if clean is not None else uuid.uuid5(_NAMESPACE, f"{patcher.patches_uuid}|none")
         return clone
     native = clean if clean is not None else patcher.patches_uuid
@@ -111,13 +117,20 @@ def engine_for(model: torch.nn.Module, offload_device=None, create: bool = True)
     return engine
 
 
-def drop_state(model: torch.nn.Module) -> int:
-    """Forget the pack's base cache and state for ``model``; returns the bytes released from the cache.
+def _sync(engine: InPlacePatcher, backup: dict) -> None:
+    """Tell the engine which of its keys ComfyUI restored (their ``PackBackup`` entry is gone)."""
+    engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
 
-    Safe at any time: keys still patched keep their base alive through their ``PackBackup`` entry until ComfyUI
-    restores them."""
-    engine = model.__dict__.pop(_ENGINE_ATTR, None)
-    return 0 if engine is None else engine.cache.nbytes
+
+def release_caches(patcher) -> int:
+    """Drop the pack's base copies for the keys of ``patcher``'s model that are at their base now; returns the
+    bytes released. (Keys still patched keep theirs until a load restores them: see
+    ``with_stack(release_cache=True)``.)"""
+    engine = engine_for(patcher.model, create=False)
+    if engine is None:
+        return 0
+    _sync(engine, patcher.backup)
+    return engine.release_cache()
 
 
 def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
@@ -127,7 +140,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     if engine is None:
         return
     backup = patcher.backup
-    engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
+    _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
     # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result.
     engine.cache.drop([k for k in plan if k in patcher.patches and k not in engine.applied_keys])
@@ -148,6 +161,8 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
                 backup[key] = entry.comfy_entry
             else:
                 del backup[key]
+    if patcher.get_attachment(RELEASE_KEY):
+        engine.release_cache()
     if report.keys:
         log.info("batch-lora: %s: %d keys merged, %d restored, %d unchanged in %.1f ms (%s)",
                  type(patcher.model).__name__, report.merged, report.restored, report.unchanged,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .lifecycle import drop_state, stack_of, with_stack
+from .lifecycle import release_caches, stack_of, with_stack
 from .stack import FILES, build_plans, lora_path, parse_entries
 
 log = logging.getLogger("comfyui-batch-lora")
@@ -114,16 +114,17 @@ class ResetAdapters:
         }
 
     def reset(self, free_cache, model=None, clip=None):
-        out_model = with_stack(model, {}, "") if model is not None else None
+        out_model = with_stack(model, {}, "", release_cache=free_cache) if model is not None else None
         out_clip = None
         if clip is not None:
             out_clip = clip.clone()
-            out_clip.patcher = with_stack(clip.patcher, {}, "")
+            out_clip.patcher = with_stack(clip.patcher, {}, "", release_cache=free_cache)
         if free_cache:
-            freed = sum(drop_state(p.model) for p in (model, clip and clip.patcher) if p is not None)
+            freed = sum(release_caches(p) for p in (model, clip and clip.patcher) if p is not None)
             freed += FILES.nbytes
             FILES.clear()
-            log.info("batch-lora: caches freed (%.1f MiB)", freed / 2**20)
+            log.info("batch-lora: caches freed (%.1f MiB now; base copies of patched keys go when they are "
+                     "restored)", freed / 2**20)
         return (out_model, out_clip)
 
 

@@ -23,3 +23,10 @@ def beyond_one_step(a: torch.Tensor, b: torch.Tensor, operands: torch.Tensor) ->
     rounding step of their dtype at ``b`` plus the fp32 accumulation error of the operands."""
     bound = ulp(b, a.dtype) + 64 * 2.0 ** -24 * operands.double()
     return int(((a.double() - b.double()).abs() > bound).sum())
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical: same dtype, shape and bytes (NaN payloads included, unlike ``torch.equal``)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.contiguous().reshape(-1).view(torch.uint8), b.contiguous().reshape(-1).view(torch.uint8))

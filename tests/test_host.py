@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
 from comfy_host import load, load_checkpoint, weights
-from oracle import beyond_one_rounding, beyond_one_step
+from oracle import beyond_one_rounding, beyond_one_step, same_bits
 
 pytestmark = pytest.mark.host
 
@@ -117,15 +117,15 @@ def test_reset_plain_path_and_in_place_writes(comfy_host):
         touched = MANIFEST[A].model_keys | MANIFEST[C].model_keys
         assert all(not torch.equal(lora_m.model.get_parameter(k), base_u[k]) for k in touched if k in base_u)
         load(h, model, clip.load_model())  # plain path right after the LoRA path
-        assert all(torch.equal(v, base_u[k]) for k, v in weights(model).items())
-        assert all(torch.equal(v, base_c[k]) for k, v in weights(clip.patcher).items())
+        assert all(same_bits(v, base_u[k]) for k, v in weights(model).items())
+        assert all(same_bits(v, base_c[k]) for k, v in weights(clip.patcher).items())
         load(h, lora_m, lora_c.load_model())
         reset_m, reset_c = h.pack.ResetAdapters().reset(False, lora_m, lora_c)
         load(h, reset_m, reset_c.load_model())
-        assert all(torch.equal(v, base_u[k]) for k, v in weights(reset_m).items())
-        assert all(torch.equal(v, base_c[k]) for k, v in weights(reset_c.patcher).items())
-        assert all(torch.equal(v, own_u[k]) for k, v in weights(reset_m, list(own_u)).items())
-        assert all(torch.equal(v, own_c[k]) for k, v in weights(reset_c.patcher, list(own_c)).items())
+        assert all(same_bits(v, base_u[k]) for k, v in weights(reset_m).items())
+        assert all(same_bits(v, base_c[k]) for k, v in weights(reset_c.patcher).items())
+        assert all(same_bits(v, own_u[k]) for k, v in weights(reset_m, list(own_u)).items())
+        assert all(same_bits(v, own_c[k]) for k, v in weights(reset_c.patcher, list(own_c)).items())
         for k, p in model.model.named_parameters():
             assert p is params[k][0] and p.data_ptr() == params[k][1], k
 
@@ -177,14 +177,14 @@ def test_bad_loras_rejected_and_model_left_bit_identical(comfy_host, fixtures_di
             run_loader(h, good_m, good_c, row("missing.safetensors"))
         with pytest.raises(ValueError, match="lora_1.strength_model"):
             run_loader(h, good_m, good_c, row(A, float("inf")))
-        assert all(torch.equal(v, before_u[k]) for k, v in weights(good_m).items())
+        assert all(same_bits(v, before_u[k]) for k, v in weights(good_m).items())
         # A result that overflows fp16 is only seen while baking: the load fails and nothing stays half-patched.
         huge_m, _, _ = run_loader(h, good_m, None, row("overflow_lora.safetensors", 5.0))
         with pytest.raises(FuseError, match="NaN/Inf"):
             load(h, huge_m)
         load(h, good_m, good_c.load_model())
-        assert all(torch.equal(v, before_u[k]) for k, v in weights(good_m).items())
-        assert all(torch.equal(v, before_c[k]) for k, v in weights(good_c.patcher).items())
+        assert all(same_bits(v, before_u[k]) for k, v in weights(good_m).items())
+        assert all(same_bits(v, before_c[k]) for k, v in weights(good_c.patcher).items())
 
 
 def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
@@ -197,8 +197,32 @@ def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
         mid_m, mid_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0))
         two_m, two_c, _ = run_loader(h, mid_m, mid_c, row(C, 0.6, 0.5))
         load(h, two_m, two_c.load_model())
-        assert all(torch.equal(v, expected_u[k]) for k, v in weights(two_m).items())
+        assert all(same_bits(v, expected_u[k]) for k, v in weights(two_m).items())
         stack_m, stack_c, _ = run_loader(h, model, clip, row(C, 0.6, 0.5), lora_stack=[(A, 0.8, 1.0)])
         load(h, stack_m, stack_c.load_model())
-        assert all(torch.equal(v, expected_u[k]) for k, v in weights(stack_m).items())
-        assert all(torch.equal(v, expected_c[k]) for k, v in weights(stack_c.patcher).items())
+        assert all(same_bits(v, expected_u[k]) for k, v in weights(stack_m).items())
+        assert all(same_bits(v, expected_c[k]) for k, v in weights(stack_c.patcher).items())
+
+
+def test_reset_with_free_cache_releases_base_copies(comfy_host):
+    h = comfy_host
+    from batch_lora.nodes.lifecycle import engine_for
+    from batch_lora.nodes.stack import FILES
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        load(h, model)
+        base = weights(model)
+        lora_m, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))
+        load(h, lora_m)
+        applied = weights(lora_m)
+        engine = engine_for(model.model, create=False)
+        touched = {k for k in MANIFEST[A].model_keys | MANIFEST[C].model_keys if k.startswith("diffusion_model.")}
+        assert engine.cache.nbytes == sum(base[k].numel() * 4 for k in touched)  # fp32 copies of touched keys only
+        reset_m, _ = h.pack.ResetAdapters().reset(True, lora_m, None)
+        assert FILES.nbytes == 0
+        load(h, reset_m)
+        assert engine.cache.nbytes == 0 and engine.applied_keys == set()
+        assert all(same_bits(v, base[k]) for k, v in weights(reset_m).items())
+        again, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))  # re-reads files, re-captures bases
+        load(h, again)
+        assert all(same_bits(v, applied[k]) for k, v in weights(again).items())
