@@ -10,19 +10,17 @@ import statistics
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "scripts"), str(ROOT / "tests")]
-if "batch_lora" not in sys.modules:
-    _pkg = types.ModuleType("batch_lora")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["batch_lora"] = _pkg
 import comfy_host as ch  # noqa: E402
 import make_fixtures as fx  # noqa: E402
+import pack_alias  # noqa: E402
+
+pack_alias.register()
 
 STACK = [(fx.LORA_KOHYA_A, 0.8, 1.0), (fx.LORA_PEFT_C, 0.6, 0.5), (fx.LORA_KOHYA_B, -0.5, 0.7)]
 

@@ -93,7 +93,8 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
     """
     clean = _clean_uuid(patcher)
     clone = patcher.clone()
-    clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    if not clone.get_callbacks(CallbacksMP.ON_LOAD, KEY):  # clones inherit it; one call per load is enough
+        clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
     clone.attachments.pop(RELEASE_KEY, None)
     if not plan:
         clone.attachments.pop(KEY, None)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -31,12 +30,10 @@ from safetensors.torch import load_file
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_fixtures as fx  # noqa: E402
+import pack_alias  # noqa: E402
 from comfy_server import ComfyServer, cached_nodes  # noqa: E402
 
-if "batch_lora" not in sys.modules:  # the pack's core as a package, without its ComfyUI entry point
-    _pkg = types.ModuleType("batch_lora")
-    _pkg.__path__ = [str(ROOT)]
-    sys.modules["batch_lora"] = _pkg
+pack_alias.register()
 from batch_lora.core import InPlacePatcher, LoraFactors  # noqa: E402
 
 TEMPLATE = json.loads((ROOT / "workflows" / "api" / "batch_lora_txt2img.json").read_text())
@@ -152,8 +149,7 @@ def naive_cycles(work: Path, cycles: int = 1000) -> list[dict]:
         stack = {}
         for name, sm, _ in case:
             info = manifest[name]
-            down_sfx, up_sfx = ((".lora_down.weight", ".lora_up.weight") if info.style == "kohya"
-                                else (".lora_A.weight", ".lora_B.weight"))
+            down_sfx, up_sfx = fx.factor_suffixes(info.style)
             for m in info.modules:
                 if not m.model_key.startswith("diffusion_model."):
                     continue

@@ -358,7 +358,8 @@ def _lora_modules(spec: LoraFileSpec):
     return tuple(mods)
 
 
-def _factor_names(style):
+def factor_suffixes(style):
+    """(down, up) tensor-name suffixes of a LoRA file: kohya ``.lora_down/.lora_up``, PEFT ``.lora_A/.lora_B``."""
     return (".lora_down.weight", ".lora_up.weight") if style == "kohya" else (".lora_A.weight", ".lora_B.weight")
 
 
@@ -371,7 +372,7 @@ def lora_manifest() -> dict:
     out = {}
     for name, spec in LORA_SPECS.items():
         mods = _lora_modules(spec)
-        down, up = _factor_names(spec.style)
+        down, up = factor_suffixes(spec.style)
         keys = set()
         for m in mods:
             keys.update((m.lora_name + down, m.lora_name + up))
@@ -388,7 +389,7 @@ def lora_state_dict(name: str, seed: int = 0) -> dict:
     std(alpha/rank * up @ down) = spec.rel_delta * std(base weight).
     """
     spec = LORA_SPECS[name]
-    down_sfx, up_sfx = _factor_names(spec.style)
+    down_sfx, up_sfx = factor_suffixes(spec.style)
     r = spec.rank
     scale = (spec.alpha / r) if spec.alpha is not None else 1.0
     sd = {}

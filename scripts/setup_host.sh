@@ -37,11 +37,12 @@ if [ -n "${BATCH_LORA_PYTHON:-}" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$req_h
   echo "setup: installing torch, ComfyUI requirements and test dependencies (a few minutes the first time)" >&2
   # ComfyUI's requirements without torch* (pinned above), kornia and spandrel (optional); requests is
   # imported by app/frontend_management.py but not listed.
-  grep -v -E '^\s*(#|$)|^(torch|torchvision|torchaudio|torchsde|kornia|spandrel)\b' "$comfy/requirements.txt" \
-    > "$root/.cache-reqs.txt" 2>/dev/null || true
+  reqs="$(mktemp)"
+  grep -v -E '^\s*(#|$)|^(torch|torchvision|torchaudio|kornia|spandrel)\b' "$comfy/requirements.txt" \
+    > "$reqs" || true
   pipi "${torch_pins[@]}"
-  pipi "${torch_pins[@]}" torchsde requests -r "$root/.cache-reqs.txt" -r "$root/requirements-dev.txt"
-  rm -f "$root/.cache-reqs.txt"
+  pipi "${torch_pins[@]}" requests -r "$reqs" -r "$root/requirements-dev.txt"
+  rm -f "$reqs"
   [ -n "${BATCH_LORA_PYTHON:-}" ] || echo "$req_hash" > "$stamp"
 fi
 echo "PYTHON=$py"

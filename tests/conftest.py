@@ -1,19 +1,17 @@
-"""Test set-up. The pack is imported as the package ``batch_lora`` (its root folder, without running its
-``__init__``), so ``core`` tests never import ComfyUI and the repo root never lands on ``sys.path`` (ComfyUI has a
-top-level module called ``nodes``). ``scripts/`` (fixtures, server harness) is importable as plain modules."""
+"""Test set-up. The pack is imported as the package ``batch_lora`` (scripts/pack_alias.py), so ``core`` tests never
+import ComfyUI and the repo root never lands on ``sys.path``. ``scripts/`` (fixtures, server harness, main job)
+and ``tests/`` helpers are importable as plain modules."""
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-if "batch_lora" not in sys.modules:
-    package = types.ModuleType("batch_lora")
-    package.__path__ = [str(ROOT)]
-    sys.modules["batch_lora"] = package
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT / "tests"))
+import pack_alias  # noqa: E402
+
+pack_alias.register()
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ def oracle(fixtures_dir, stack):
     for name, sm, sc in stack:
         info = MANIFEST[name]
         tensors = load_file(str(fixtures_dir / "models" / "loras" / name))
-        down_sfx, up_sfx = (".lora_down.weight", ".lora_up.weight") if info.style == "kohya" else (".lora_A.weight", ".lora_B.weight")
+        down_sfx, up_sfx = fx.factor_suffixes(info.style)
         for m in info.modules:
             if m.model_key not in out:
                 base = ckpt[m.checkpoint_key].double()
@@ -196,6 +196,8 @@ def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
         expected_u, expected_c = weights(one_m), weights(one_c.patcher)
         mid_m, mid_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0))
         two_m, two_c, _ = run_loader(h, mid_m, mid_c, row(C, 0.6, 0.5))
+        on_load = h.comfy.patcher_extension.CallbacksMP.ON_LOAD
+        assert len(two_m.get_all_callbacks(on_load)) == len(model.get_all_callbacks(on_load)) + 1  # one hook
         load(h, two_m, two_c.load_model())
         assert all(same_bits(v, expected_u[k]) for k, v in weights(two_m).items())
         stack_m, stack_c, _ = run_loader(h, model, clip, row(C, 0.6, 0.5), lora_stack=[(A, 0.8, 1.0)])

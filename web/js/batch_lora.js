@@ -1,8 +1,8 @@
 // Batch LoRA Loader rows in the ComfyUI frontend. Each row is one widget named lora_N whose value is the plain
 // object the node receives in API prompts: {on, lora, strength_model, strength_clip}. The UI edits exactly that
 // value, so a workflow saved here and its API export carry the same rows.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const NODE = "BatchLoraLoader";
 const ROW_H = 24;
@@ -134,8 +134,8 @@ app.registerExtension({
     const onNodeCreated = nodeType.prototype.onNodeCreated;
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
-      const add = this.addWidget("button", "+ Add LoRA", null, () => {
-        pickLora(app.canvas.last_mouse_event || window.event, (name) => addRow(this, { lora: name }));
+      const add = this.addWidget("button", "+ Add LoRA", null, (w, canvas, node, pos, event) => {
+        pickLora(event || window.event, (name) => addRow(this, { lora: name }));
       });
       add.options.serialize = false;
       const all = this.addWidget("button", "Toggle all", null, () => {
