@@ -87,6 +87,8 @@ class BatchLoraLoader:
             out_clip = clip.clone()
             out_clip.patcher = _stacked(clip.patcher, clip_plan, signature, labels)
         report = "\n".join(m.line() for m in matches) or "no LoRA enabled"
+        if not matches:
+            log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
         for m in matches:
             (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line())
         return (out_model, out_clip, report)

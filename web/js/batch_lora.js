@@ -145,6 +145,7 @@ app.registerExtension({
         this.setDirtyCanvas(true, true);
       });
       all.options.serialize = false;
+      this.setSize([Math.max(this.size[0], 400), this.size[1]]); // room for file names and both strengths
       return r;
     };
     const configure = nodeType.prototype.configure;
