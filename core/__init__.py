@@ -4,11 +4,13 @@
 - ``cache``:  the exact base-weight cache restores copy from.
 - ``engine``: in-place, all-or-nothing apply/reset of a stack on a module.
 - ``files``:  reading LoRA safetensors files, validated, through a byte-bounded parsed-file cache.
+- ``backends``: weight keys through torch.compile / OneDiff wrappers, refusals, compiler refreshes.
 """
+from .backends import Target, UnsupportedTarget, frozen_reason, resolve, wrapper_kind
 from .cache import BaseCache, CacheBudgetError
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError
 from .fuse import FuseError, LoraFactors, Term, fused_weight
 
-__all__ = ["BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
+__all__ = ["Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
            "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "Term", "fused_weight"]

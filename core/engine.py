@@ -4,7 +4,8 @@ The engine keeps, per weight key, which terms are baked into the live weight. ``
 to ``round(base_fp32 + sum s_i * delta_i)`` for the new stack (or back to the exact base for keys the stack no
 longer touches), writing only keys whose terms changed. Every write is ``param.data.copy_``: the same
 ``nn.Parameter`` object and the same storage (``data_ptr``) before and after, whatever the memory format, so
-compiled graphs that captured the parameters keep seeing current values.
+compiled graphs that captured the parameters keep seeing current values. Keys resolve through torch.compile and
+OneDiff wrappers, and compiler-held copies are refreshed after each write (``core.backends``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from .backends import Target, after_write, resolve
 from .cache import BaseCache
 from .fuse import Term, fused_weight
 
@@ -57,33 +59,30 @@ class InPlacePatcher:
     """Apply/reset LoRA stacks on one module's parameters, in place, from an exact base cache.
 
     Args:
-        module: the ``nn.Module`` whose parameters are patched (weight keys are ``module.get_parameter`` paths,
-            e.g. ``diffusion_model.input_blocks.1.1.proj_in.weight``).
+        module: the ``nn.Module`` whose parameters are patched (weight keys are parameter paths, e.g.
+            ``diffusion_model.input_blocks.1.1.proj_in.weight``; wrappers on the way are stepped through).
         cache: the base cache (default: a float32 ``BaseCache`` on each weight's device).
-        on_write: optional ``callback(key, param)`` called after every write (compiler backends that keep
-            their own copy of a weight refresh it here).
     """
 
-    def __init__(self, module: torch.nn.Module, cache: BaseCache | None = None,
-                 on_write: Callable[[str, torch.nn.Parameter], None] | None = None):
+    def __init__(self, module: torch.nn.Module, cache: BaseCache | None = None):
         self.module = module
         self.cache = cache if cache is not None else BaseCache()
         self.counters = Counters()
-        self.on_write = on_write
         # key -> (signature, terms) of what is baked into the live weight; absent = the weight is at its base.
         self._applied: dict[str, tuple[tuple, Sequence[Term]]] = {}
+        self._targets: dict[str, Target] = {}
 
     @property
     def applied_keys(self) -> set[str]:
         """Weight keys whose live value currently includes LoRA terms."""
         return set(self._applied)
 
-    def parameter(self, key: str) -> torch.nn.Parameter:
-        """The live parameter for ``key``. Raises KeyError naming the key if the module has none."""
-        try:
-            return self.module.get_parameter(key)
-        except AttributeError as exc:
-            raise KeyError(f"the model has no parameter {key!r}") from exc
+    def target(self, key: str) -> Target:
+        """Where ``key``'s parameter lives (see ``core.backends.resolve``; its KeyError/UnsupportedTarget)."""
+        target = self._targets.get(key)
+        if target is None:
+            target = self._targets[key] = resolve(self.module, key)
+        return target
 
     def forget(self, keys) -> None:
         """Record that ``keys`` were put back to their base by someone else (the host restored them)."""
@@ -106,7 +105,7 @@ class InPlacePatcher:
             An ``ApplyReport``.
         Raises:
             FuseError (shape mismatch, NaN/Inf result), CacheBudgetError, KeyError (unknown key),
-            ApplyInterrupted, or anything raised while writing. Before any of these propagates, every key
+            UnsupportedTarget (quantized weight), ApplyInterrupted, or anything raised while writing. Before any of these propagates, every key
             written by this call is put back to the value it had before the call (same bits).
         """
         start = time.perf_counter()
@@ -156,7 +155,8 @@ class InPlacePatcher:
 
     def _set(self, key: str, terms: Sequence[Term]) -> None:
         """Write ``base + terms`` (or the exact base when ``terms`` is empty) into ``key``'s parameter."""
-        param = self.parameter(key)
+        target = self.target(key)
+        param = target.param
         if key not in self._applied:
             base = self.cache.capture(key, param)
         else:
@@ -173,5 +173,4 @@ class InPlacePatcher:
             self._applied[key] = (_signature(terms), terms)
         else:
             self._applied.pop(key, None)
-        if self.on_write is not None:
-            self.on_write(key, param)
+        after_write(target)

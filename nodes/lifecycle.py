@@ -26,9 +26,11 @@ import comfy.model_management
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
-from ..core import ApplyInterrupted, BaseCache, InPlacePatcher, Term
+from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
+                    wrapper_kind)
 
-__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "release_caches"]
+__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "release_caches", "check_not_frozen",
+           "describe"]
 
 log = logging.getLogger("comfyui-batch-lora")
 
@@ -46,6 +48,7 @@ class StackSpec:
     own_uuid: the ``patches_uuid`` this pack gave the patcher.
     clean_uuid: the ``patches_uuid`` of the same model without this pack's stack, None if unknown (stock
         patches were added after this pack's stack).
+    labels: ``name@strength_model/strength_clip`` per LoRA, for logs; node: the loader node, for errors.
     """
 
     plan: Mapping[str, Sequence[Term]]
@@ -53,6 +56,7 @@ class StackSpec:
     own_uuid: uuid.UUID
     clean_uuid: uuid.UUID | None = None
     labels: tuple[str, ...] = field(default=())
+    node: str = "Batch LoRA Loader"
 
 
 class PackBackup(NamedTuple):
@@ -84,7 +88,7 @@ def _clean_uuid(patcher) -> uuid.UUID | None:
 
 
 def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labels: Sequence[str] = (),
-               release_cache: bool = False):
+               release_cache: bool = False, node: str = "Batch LoRA Loader"):
     """A clone of ``patcher`` (ModelPatcher) whose weights will be ``base + plan`` when ComfyUI loads it.
 
     An empty ``plan`` gives a clone without any stack of this pack (Reset Adapters): its uuid is the model's
@@ -104,7 +108,7 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
         return clone
     native = clean if clean is not None else patcher.patches_uuid
     own = uuid.uuid5(_NAMESPACE, f"{native}|{signature}")
-    clone.set_attachments(KEY, StackSpec(plan, signature, own, clean, tuple(labels)))
+    clone.set_attachments(KEY, StackSpec(plan, signature, own, clean, tuple(labels), node))
     clone.patches_uuid = own
     return clone
 
@@ -134,6 +138,34 @@ def release_caches(patcher) -> int:
     return engine.release_cache()
 
 
+def describe(patcher) -> str:
+    """What runs ``patcher``'s model: ``eager``, or the compilers/wrappers found, e.g.
+    ``torch.compile(inductor)`` (ComfyUI's TorchCompileModel), ``onediff-nexfort``, ``onediff-oneflow``."""
+    kinds = []
+    kwargs = patcher.model_options.get("torch_compile_kwargs")
+    if kwargs:
+        mode = f", mode={kwargs['mode']}" if kwargs.get("mode") else ""
+        kinds.append(f"torch.compile({kwargs.get('backend')}{mode})")
+    for module in patcher.model.modules():
+        kind = wrapper_kind(module)
+        if kind is not None and kind not in kinds:
+            kinds.append(kind)
+    return ", ".join(kinds) or "eager"
+
+
+def check_not_frozen(patcher, plan: Mapping[str, Sequence[Term]], node: str) -> None:
+    """Raise UnsupportedTarget (naming ``node`` and a key) if ``patcher``'s model is compiled with weight
+    freezing: in-place LoRA writes would then be silently ignored by the compiled graph."""
+    if not plan:
+        return
+    reason = frozen_reason(patcher.model_options.get("torch_compile_kwargs"), [patcher.model])
+    if reason is not None:
+        raise UnsupportedTarget(
+            f"{node}: {reason}, so the compiled graph holds its weights as constants and would ignore the LoRA "
+            f"written in place (e.g. {next(iter(plan))}). Compile without freezing, or merge the LoRA before "
+            "compiling and do not switch stacks afterwards")
+
+
 def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
     """CallbacksMP.ON_LOAD: bring this model's weights to ``base + stack`` after ComfyUI baked its own patches."""
     spec = stack_of(patcher)
@@ -143,6 +175,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     backup = patcher.backup
     _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
+    check_not_frozen(patcher, plan, spec.node if spec is not None else "")
     # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result.
     engine.cache.drop([k for k in plan if k in patcher.patches and k not in engine.applied_keys])
     bar = comfy.utils.ProgressBar(max(1, len(plan)))

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from .lifecycle import release_caches, stack_of, with_stack
+from .lifecycle import check_not_frozen, describe, release_caches, stack_of, with_stack
 from .stack import FILES, build_plans, lora_path, parse_entries
 
 log = logging.getLogger("comfyui-batch-lora")
@@ -34,14 +34,15 @@ def _merge(old: dict, new: dict) -> dict:
     return merged
 
 
-def _stacked(patcher, plan: dict, signature: str, labels: list[str]):
+def _stacked(patcher, plan: dict, signature: str, labels: list[str], node: str):
     """Clone ``patcher`` with ``plan`` added after any stack of this pack it already carries."""
+    check_not_frozen(patcher, plan, node)
     spec = stack_of(patcher)
     if spec is not None:
         plan = _merge(spec.plan, plan)
         signature = f"{spec.signature}||{signature}"
         labels = list(spec.labels) + labels
-    return with_stack(patcher, plan, signature, labels)
+    return with_stack(patcher, plan, signature, labels, node=node)
 
 
 class BatchLoraLoader:
@@ -56,7 +57,8 @@ class BatchLoraLoader:
     RETURN_NAMES = ("MODEL", "CLIP", "report")
     OUTPUT_TOOLTIPS = ("The model carrying the stack (the input model is not modified).",
                        "The CLIP carrying the stack (None when no CLIP is connected).",
-                       "Per LoRA: strengths, UNet/CLIP keys matched and tensors not matched.")
+                       "What runs the model (eager, torch.compile, OneDiff), then per LoRA: strengths, UNet/CLIP "
+                       "keys matched and tensors not matched.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -67,26 +69,29 @@ class BatchLoraLoader:
                 "lora_stack": ("LORA_STACK", {"tooltip": "Optional (name, strength_model, strength_clip) list "
                                                          "from a LoRA stacker node; applied before the rows."}),
             }),
+            "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
     @classmethod
-    def IS_CHANGED(cls, model, clip=None, lora_stack=None, **rows):
+    def IS_CHANGED(cls, model, clip=None, lora_stack=None, unique_id=None, **rows):
         """Files changed on disk make the node run again (ComfyUI otherwise reuses its cached output)."""
         try:
             return "|".join(str(FILES.identity(lora_path(e.name))) for e in parse_entries(rows, lora_stack))
         except Exception as exc:  # the error itself is reported by apply()
             return f"error: {exc}"
 
-    def apply(self, model, clip=None, lora_stack=None, **rows):
+    def apply(self, model, clip=None, lora_stack=None, unique_id=None, **rows):
+        node = f"Batch LoRA Loader (node {unique_id})" if unique_id is not None else "Batch LoRA Loader"
         entries = parse_entries(rows, lora_stack)
         unet_plan, clip_plan, matches, signature = build_plans(model, clip, entries)
         labels = [f"{e.name}@{e.strength_model:g}/{e.strength_clip:g}" for e in entries]
-        out_model = _stacked(model, unet_plan, signature, labels)
+        out_model = _stacked(model, unet_plan, signature, labels, node)
         out_clip = None
         if clip is not None:
             out_clip = clip.clone()
-            out_clip.patcher = _stacked(clip.patcher, clip_plan, signature, labels)
-        report = "\n".join(m.line() for m in matches) or "no LoRA enabled"
+            out_clip.patcher = _stacked(clip.patcher, clip_plan, signature, labels, node)
+        runs_on = f"model: {describe(model)}" + (f"; clip: {describe(clip.patcher)}" if clip is not None else "")
+        report = "\n".join([runs_on] + ([m.line() for m in matches] or ["no LoRA enabled"]))
         if not matches:
             log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
         for m in matches:

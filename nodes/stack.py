@@ -13,7 +13,7 @@ import folder_paths
 import comfy.lora
 import comfy.weight_adapter
 
-from ..core import LoraFactors, LoraFileCache, LoraFileError
+from ..core import LoraFactors, LoraFileCache, LoraFileError, resolve
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
 
@@ -119,6 +119,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     Raises:
         LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
         FuseError: a factor's shape does not fit the model weight (the LoRA is for another architecture).
+        UnsupportedTarget: a touched weight is quantized (int8), names the key.
         NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
     """
     unet_map = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
@@ -138,7 +139,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
             in_unet = key in unet_keys
             target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
             factors = _factors(entry.name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}")
-            factors.check(key, tuple(target.model.get_parameter(key).shape))
+            factors.check(key, tuple(resolve(target.model, key).param.shape))
             if strength != 0.0:
                 (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
             if in_unet:

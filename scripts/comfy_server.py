@@ -65,10 +65,13 @@ def free_port() -> int:
 
 
 class ComfyServer:
-    """A headless ComfyUI server process with this pack installed; use as a context manager or start()/stop()."""
+    """A headless ComfyUI server process with this pack installed; use as a context manager or start()/stop().
+
+    ``extra_args`` are appended to the server command line; ``env`` adds environment variables for the server.
+    """
 
     def __init__(self, base_dir, port=None, extra_args=(), python=sys.executable, comfy_path=None,
-                 pack_dir=REPO_ROOT, startup_timeout=120.0):
+                 pack_dir=REPO_ROOT, startup_timeout=120.0, env=None):
         self.base_dir = Path(base_dir).resolve()
         self.port = port
         self.extra_args = list(extra_args)
@@ -76,6 +79,7 @@ class ComfyServer:
         self.comfy_path = (Path(comfy_path) if comfy_path else default_comfy_path()).resolve()
         self.pack_dir = Path(pack_dir).resolve()
         self.startup_timeout = startup_timeout
+        self.env = dict(env or {})
         self.log_path = self.base_dir / "server.log"
         self.proc = None
         self.client_id = uuid.uuid4().hex
@@ -122,7 +126,7 @@ class ComfyServer:
         if self.port is None:
             self.port = free_port()
         cmd = self.command()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             log.write("\n=== {} start: {}\n".format(time.strftime("%Y-%m-%d %H:%M:%S"), " ".join(cmd)).encode())
             self._log_offset = log.tell()

@@ -66,6 +66,7 @@ def test_apply_matches_fp32_oracle_from_files(comfy_host, fixtures_dir, dtype):
         patcher = m2 if key.startswith("diffusion_model.") else c2.patcher
         live = patcher.model.get_parameter(key).detach()
         assert beyond_one_rounding(live, expected, mag) == 0, key
+    assert report.startswith("model: eager; clip: eager\n")
     assert f"{A}  model 0.8 clip 1  unet 14 keys, clip 48 keys, 0 unmatched" in report
     assert report.count("0 unmatched") == 3
 
@@ -228,3 +229,30 @@ def test_reset_with_free_cache_releases_base_copies(comfy_host):
         again, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))  # re-reads files, re-captures bases
         load(h, again)
         assert all(same_bits(v, applied[k]) for k, v in weights(again).items())
+
+
+def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
+    h = comfy_host
+    from batch_lora.core import UnsupportedTarget
+    from comfy_api.torch_helpers import set_torch_compile_wrapper
+    model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    plain_compile = model.clone()
+    set_torch_compile_wrapper(plain_compile, backend="inductor")  # what ComfyUI's TorchCompileModel does
+    *_, report = h.pack.BatchLoraLoader().apply(plain_compile, None, lora_1=row(A))
+    assert report.startswith("model: torch.compile(inductor)\n")
+    compiled = model.clone()
+    set_torch_compile_wrapper(compiled, backend="inductor", options={"freezing": True})
+    with pytest.raises(UnsupportedTarget, match=r"Batch LoRA Loader \(node 7\): .*freezing.*diffusion_model\..*"
+                                                 r"Compile without freezing"):
+        h.pack.BatchLoraLoader().apply(compiled, None, unique_id="7", lora_1=row(A))
+    # Loader first, freezing compile after it: refused when the weights would be written.
+    lora_m, _, _ = h.pack.BatchLoraLoader().apply(model, None, unique_id="8", lora_1=row(A))
+    later = lora_m.clone()
+    set_torch_compile_wrapper(later, backend="inductor", options={"freezing": True})
+    with torch.inference_mode():
+        load(h, model)
+        base = weights(model)
+        with pytest.raises(UnsupportedTarget, match=r"node 8"):
+            load(h, later)
+        load(h, model)
+        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
