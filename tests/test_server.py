@@ -30,8 +30,8 @@ def test_nodes_are_registered_with_tooltips(server):
     assert loader["output"] == ["MODEL", "CLIP", "STRING"]
     for node in (loader, reset):
         assert node["description"] and node["category"] == "loaders/batch lora"
-        for group in node["input"].values():
-            for name, spec in group.items():
+        for group in ("required", "optional"):
+            for name, spec in node["input"].get(group, {}).items():
                 assert spec[1].get("tooltip"), name
 
 
