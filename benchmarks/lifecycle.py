@@ -26,6 +26,7 @@ STACK = [(fx.LORA_KOHYA_A, 0.8, 1.0), (fx.LORA_PEFT_C, 0.6, 0.5), (fx.LORA_KOHYA
 
 
 def ms(f, repeat):
+    """Median wall time of ``f()`` over ``repeat`` calls, in ms."""
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
@@ -35,6 +36,7 @@ def ms(f, repeat):
 
 
 def main(argv=None):
+    """Measure and print the table (see the module docstring)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args(argv)
@@ -46,18 +48,21 @@ def main(argv=None):
     loader, stock = h.pack.BatchLoraLoader(), h.nodes.LoraLoader()
 
     def ours(strength_scale=1.0):
+        """The pack's loader on STACK (model strengths scaled)."""
         rows = {f"lora_{i + 1}": {"on": True, "lora": n, "strength_model": sm * strength_scale, "strength_clip": sc}
                 for i, (n, sm, sc) in enumerate(STACK)}
         m, c, _ = loader.apply(model, clip, **rows)
         return m, c
 
     def stock_chain(strength_scale=1.0):
+        """Three stock LoraLoader nodes on STACK (model strengths scaled)."""
         m, c = model, clip
         for n, sm, sc in STACK:
             m, c = stock.load_lora(m, c, n, sm * strength_scale, sc)
         return m, c
 
     def load(mc):
+        """Load (model, clip) as sampling and text encoding do."""
         ch.load(h, mc[0], mc[1].load_model())
 
     rows = []

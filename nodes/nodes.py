@@ -62,6 +62,7 @@ class BatchLoraLoader:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """MODEL, optional CLIP and LORA_STACK, and any number of ``lora_N`` row objects (see ROW_TOOLTIP)."""
         return {
             "required": {"model": ("MODEL", {"tooltip": "The diffusion model to apply the LoRAs to."})},
             "optional": _LoraRows({
@@ -81,6 +82,12 @@ class BatchLoraLoader:
             return f"error: {exc}"
 
     def apply(self, model, clip=None, lora_stack=None, unique_id=None, **rows):
+        """Return ``(MODEL, CLIP, report)`` clones carrying the stack; no weight is touched here.
+
+        Raises (before anything changes): ValueError for a malformed row or strength, LoraFileError for a missing
+        or broken file or one that matches nothing, FuseError for a factor that does not fit the model,
+        UnsupportedTarget for quantized weights or a frozen compile, NotImplementedError for adapter types this
+        pack does not fuse (each names the row, file or key)."""
         node = f"Batch LoRA Loader (node {unique_id})" if unique_id is not None else "Batch LoRA Loader"
         entries = parse_entries(rows, lora_stack)
         unet_plan, clip_plan, matches, signature = build_plans(model, clip, entries)
@@ -112,6 +119,7 @@ class ResetAdapters:
 
     @classmethod
     def INPUT_TYPES(cls):
+        """``free_cache`` toggle, optional MODEL and CLIP."""
         return {
             "required": {"free_cache": ("BOOLEAN", {"default": False, "tooltip": (
                 "Also free this pack's base-weight cache for these models and its parsed-LoRA cache. The next "
@@ -121,6 +129,7 @@ class ResetAdapters:
         }
 
     def reset(self, free_cache, model=None, clip=None):
+        """Return ``(MODEL, CLIP)`` clones without any stack of this pack (None for an input not connected)."""
         out_model = with_stack(model, {}, "", release_cache=free_cache) if model is not None else None
         out_clip = None
         if clip is not None:

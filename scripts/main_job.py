@@ -43,6 +43,7 @@ THREE_OTHER = [(fx.LORA_KOHYA_A, 1.2, 0.4), (fx.LORA_PEFT_C, 0.3, 1.1), (fx.LORA
 
 
 def rows(stack):
+    """Loader row inputs ``lora_1..`` for ``[(file, strength_model, strength_clip)]``."""
     return {f"lora_{i + 1}": {"on": True, "lora": n, "strength_model": sm, "strength_clip": sc}
             for i, (n, sm, sc) in enumerate(stack)}
 
@@ -80,6 +81,8 @@ CASES = ["one_lora", "three_loras", "three_loras_other_strengths", "plain", "res
 
 
 def run_server(work: Path, runs: int, restart_check: bool) -> dict:
+    """Queue ``runs`` prompts (cases in turn) on a fresh server over ``work``; with ``restart_check`` run every
+    case once more on a second fresh process. Returns latents per case, errors, seconds and server RSS."""
     results = {c: [] for c in CASES}
     errors = []
     with ComfyServer(work, extra_args=["--fp16-unet"]) as server:
@@ -106,10 +109,13 @@ def run_server(work: Path, runs: int, restart_check: bool) -> dict:
 
 
 def digest(t: torch.Tensor) -> str:
+    """First 16 hex digits of the sha256 of a tensor's bytes."""
     return hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
 
 
 def drift_table(server: dict) -> tuple[list[dict], list[str]]:
+    """Per case: runs, distinct latent hashes, max |diff| from the first latent, fresh-process identity; and the
+    list of failed checks (drift, fresh process differs, NaN, Reset != plain, stacks without effect)."""
     table, failures = [], list(server["errors"])
     for case, latents in server["latents"].items():
         first = latents[0]
@@ -187,6 +193,7 @@ def naive_cycles(work: Path, cycles: int = 1000) -> list[dict]:
 
 
 def main(argv=None) -> int:
+    """Run the main job; returns the exit status (1 if any check failed)."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=300, help="prompts to queue (>= 5; cycles through the 5 cases)")
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "main-job", help="server base directory")

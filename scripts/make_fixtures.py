@@ -246,6 +246,7 @@ _TE_ALL = _TE_ATTN + ["mlp.fc1", "mlp.fc2"]
 
 @dataclass(frozen=True)
 class LoraFileSpec:
+    """How one generated LoRA file is made: format style, rank, alpha, dtype, modules, delta size."""
     name: str
     style: str              # "kohya" or "peft"
     rank: int
@@ -287,6 +288,7 @@ LORA_SPECS = {
 
 @dataclass(frozen=True)
 class LoraModule:
+    """One LoRA module of a generated file and the model weight it patches."""
     lora_name: str          # key prefix in the LoRA file (before .lora_down.weight / .lora_A.weight / .alpha)
     model_key: str          # ComfyUI model state-dict key it patches (diffusion_model.* or clip_l.transformer.*)
     checkpoint_key: str     # the same weight's key in the checkpoint file
@@ -296,6 +298,7 @@ class LoraModule:
 
 @dataclass(frozen=True)
 class LoraFileInfo:
+    """What a generated LoRA file holds (see ``lora_manifest``)."""
     name: str
     style: str
     rank: int
@@ -306,6 +309,7 @@ class LoraFileInfo:
 
     @property
     def model_keys(self) -> frozenset:
+        """The ComfyUI model keys the file patches."""
         return frozenset(m.model_key for m in self.modules)
 
     @property
@@ -314,6 +318,7 @@ class LoraFileInfo:
         return {m.lora_name: m.model_key for m in self.modules}
 
     def count_by_kind(self) -> dict:
+        """Modules per kind: linear, conv1x1, conv3x3."""
         out = {"linear": 0, "conv1x1": 0, "conv3x3": 0}
         for m in self.modules:
             out[m.kind] += 1
@@ -592,6 +597,7 @@ def verify_with_comfy(out_dir, comfy_root=None) -> dict:
 
 
 def main(argv=None) -> int:
+    """CLI entry (see the module docstring); returns the exit status."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("out_dir", help="writes OUT_DIR/models/checkpoints/ and OUT_DIR/models/loras/")
     ap.add_argument("--seed", type=int, default=0)

@@ -103,3 +103,22 @@ def test_ui_workflow_is_the_api_workflow(server):
     assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     listed = server.get("/workflow_templates").json()
     assert "batch_lora_txt2img" in listed.get("comfyui-batch-lora", [])
+
+
+def test_plain_path_in_the_same_prompt_gets_base_weights(server):
+    """One prompt, two samplers: the LoRA path and a plain path on the same checkpoint. The plain latent equals
+    the latent of a prompt that has only the plain path."""
+    plain_only = server.read_output_latent(server.queue(main_job.prompt_for("plain")), main_job.SAVE)
+    both = main_job.prompt_for("three_loras")
+    plain = main_job.prompt_for("plain")
+    for nid in ("3", "4", "6", "7"):  # the plain path's encoders, sampler and SaveLatent under new ids
+        node = json.loads(json.dumps(plain[nid]))
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) and value[0] in ("3", "4", "6"):
+                node["inputs"][name] = ["p" + value[0], value[1]]
+        both["p" + nid] = node
+    both["p7"]["inputs"]["filename_prefix"] = "same_prompt/plain"
+    entry = server.queue(both)
+    lora_latent = server.read_output_latent(entry, main_job.SAVE)
+    assert torch.equal(server.read_output_latent(entry, "p7"), plain_only)
+    assert not torch.equal(lora_latent, plain_only)
