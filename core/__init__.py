@@ -10,7 +10,7 @@ from .backends import Target, UnsupportedTarget, frozen_reason, resolve, wrapper
 from .cache import BaseCache, CacheBudgetError
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError
-from .fuse import FuseError, LoraFactors, Term, fused_weight
+from .fuse import FuseError, LoraFactors, Term, fuse_into, fused_weight
 
 __all__ = ["Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
-           "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "Term", "fused_weight"]
+           "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "Term", "fuse_into", "fused_weight"]

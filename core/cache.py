@@ -27,17 +27,20 @@ class BaseCache:
         dtype: ``"fp32"`` or ``"native"``.
         device: where copies live (the model's offload device; default: the weight's own device).
         budget_bytes: optional cap on ``nbytes``; ``None`` means unbounded.
+        pin_memory: copies of CUDA weights kept on the CPU go to pinned (page-locked) memory, so restores and
+            bakes copy them to the GPU by DMA.
     Raises:
         ValueError: for an unknown ``dtype`` option.
     """
 
     def __init__(self, dtype: str = "fp32", device: torch.device | str | None = None,
-                 budget_bytes: int | None = None):
+                 budget_bytes: int | None = None, pin_memory: bool = True):
         if dtype not in ("fp32", "native"):
             raise ValueError(f"base cache dtype must be 'fp32' or 'native', not {dtype!r}")
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
         self.budget_bytes = budget_bytes
+        self.pin_memory = pin_memory
         self._copies: dict[str, torch.Tensor] = {}
 
     def __contains__(self, key: str) -> bool:
@@ -76,7 +79,9 @@ class BaseCache:
             raise CacheBudgetError(
                 f"base cache budget of {self.budget_bytes} bytes exceeded while caching {key} ({size} bytes, "
                 f"{self.nbytes} already held): raise the budget or use dtype='native'")
-        copy = torch.empty(weight.shape, dtype=store, device=self.device or weight.device)
+        device = self.device or weight.device
+        pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
+        copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
         copy.copy_(weight.detach())
         self._copies[key] = copy
         return copy

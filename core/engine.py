@@ -17,7 +17,7 @@ import torch
 
 from .backends import Target, after_write, resolve
 from .cache import BaseCache
-from .fuse import Term, fused_weight
+from .fuse import Term, fuse_into
 
 __all__ = ["InPlacePatcher", "ApplyInterrupted", "ApplyReport", "Counters"]
 
@@ -124,8 +124,9 @@ class InPlacePatcher:
                 if should_stop is not None and should_stop():
                     raise ApplyInterrupted(f"interrupted after {len(done)} of {len(work)} weight keys")
                 previous = self._applied.get(key)
-                self._set(key, terms)
-                done.append((key, previous))
+                target, base = self._prepare(key)  # may raise; nothing is written yet
+                done.append((key, previous))  # before writing: a key that fails half-written is restored too
+                self._write(key, target, base, terms)
                 if terms:
                     report.merged += 1
                 else:
@@ -135,7 +136,7 @@ class InPlacePatcher:
                     progress(len(done), len(work))
         except BaseException:
             for key, previous in reversed(done):
-                self._set(key, () if previous is None else previous[1])
+                self._write(key, *self._prepare(key), () if previous is None else previous[1])
             if done:
                 self.counters.rollbacks += 1
             raise
@@ -153,21 +154,21 @@ class InPlacePatcher:
         """Restore every applied key to its exact base (bit-identical to before the first apply)."""
         return self.apply({})
 
-    def _set(self, key: str, terms: Sequence[Term]) -> None:
-        """Write ``base + terms`` (or the exact base when ``terms`` is empty) into ``key``'s parameter."""
+    def _prepare(self, key: str) -> tuple[Target, torch.Tensor]:
+        """Resolve ``key`` and get its base copy (captured now if the weight is at its base). Writes nothing."""
         target = self.target(key)
+        base = self.cache.get(key) if key in self._applied else self.cache.capture(key, target.param)
+        return target, base
+
+    def _write(self, key: str, target: Target, base: torch.Tensor, terms: Sequence[Term]) -> None:
+        """Write ``base + terms`` (or the exact base when ``terms`` is empty) into ``key``'s parameter."""
         param = target.param
-        if key not in self._applied:
-            base = self.cache.capture(key, param)
-        else:
-            base = self.cache.get(key)
         if terms:
-            value = fused_weight(key, base.to(param.device, torch.float32), terms, param.dtype)
+            fuse_into(key, param, base, terms)
             self.counters.merges += 1
         else:
-            value = base
+            param.data.copy_(base)
             self.counters.restores += 1
-        param.data.copy_(value)
         self.counters.writes += 1
         if terms:
             self._applied[key] = (_signature(terms), terms)

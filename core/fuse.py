@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["LoraFactors", "Term", "fused_weight", "FuseError"]
+__all__ = ["LoraFactors", "Term", "fused_weight", "fuse_into", "FuseError"]
 
 
 class FuseError(ValueError):
@@ -30,9 +30,11 @@ class LoraFactors:
     """The low-rank factors of one LoRA module for one weight key, ready to fuse.
 
     Attributes:
-        up:    float32 ``[out, r]`` (the "B" matrix; kohya ``lora_up``, PEFT ``lora_B``), flattened.
-        down:  float32 ``[r, prod(in_dims)]`` (the "A" matrix; kohya ``lora_down``, PEFT ``lora_A``), flattened;
-               for a LoCon/LyCORIS Tucker ``lora_mid`` the mid factor is already folded in (see ``from_tensors``).
+        up:    ``[out, r]`` (the "B" matrix; kohya ``lora_up``, PEFT ``lora_B``), flattened, in the file's dtype
+               (a view of the file's tensor: building factors copies nothing; fusing upcasts to float32).
+        down:  ``[r, prod(in_dims)]`` (the "A" matrix; kohya ``lora_down``, PEFT ``lora_A``), flattened, same;
+               for a LoCon/LyCORIS Tucker ``lora_mid`` the mid factor is already folded in (float32, see
+               ``from_tensors``).
         scale: ``alpha / r`` (dimensionless), 1.0 when the file stores no alpha.
         token: a string identifying the source (file identity + module name); equal tokens mean equal factors.
     """
@@ -50,7 +52,7 @@ class LoraFactors:
     @classmethod
     def from_tensors(cls, up: torch.Tensor, down: torch.Tensor, alpha: float | None, token: str,
                      mid: torch.Tensor | None = None) -> "LoraFactors":
-        """Build factors from the tensors of a LoRA file, converting to float32 on the CPU.
+        """Build factors from the tensors of a LoRA file (views, no copy, unless a mid factor is folded).
 
         Args:
             up:    ``[out, r]`` or ``[out, r, 1, 1]`` (conv), any float dtype.
@@ -63,17 +65,15 @@ class LoraFactors:
         Raises:
             FuseError: if the ranks of ``up`` and ``down`` disagree.
         """
-        up32 = up.detach().to("cpu", torch.float32).flatten(1)
-        down32 = down.detach().to("cpu", torch.float32)
-        rank = down32.shape[0]
+        up = up.detach().flatten(1)
+        rank = down.shape[0]
         if mid is not None:
-            mid32 = mid.detach().to("cpu", torch.float32)
-            down32 = torch.einsum("jkyx,ki->jiyx", mid32, down32.flatten(1))
-        down32 = down32.flatten(1)
-        if up32.shape[1] != rank:
-            raise FuseError(f"{token}: lora_up has rank {up32.shape[1]} but lora_down has rank {rank}")
+            down = torch.einsum("jkyx,ki->jiyx", mid.detach().float(), down.detach().float().flatten(1))
+        down = down.detach().flatten(1)
+        if up.shape[1] != rank:
+            raise FuseError(f"{token}: lora_up has rank {up.shape[1]} but lora_down has rank {rank}")
         scale = 1.0 if alpha is None else float(alpha) / rank
-        return cls(up32.contiguous(), down32.contiguous(), scale, token)
+        return cls(up, down, scale, token)
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError (naming ``key``, the factor and weight shapes) unless ``up @ down`` fits ``shape``."""
@@ -91,13 +91,27 @@ Term = tuple[float, LoraFactors]
 strength_clip (dimensionless)."""
 
 
+def _factors32(key: str, shape, terms: Sequence[Term], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``U = [s_i*scale_i*up_i]`` (``[out, R]``) and ``D = [down_i]`` (``[R, in]``), float32 on ``device``."""
+    for _, f in terms:
+        f.check(key, tuple(shape))
+    ups = torch.cat([f.up.to(device, torch.float32) * (float(s) * f.scale) for s, f in terms], dim=1)
+    downs = torch.cat([f.down.to(device, torch.float32) for _, f in terms], dim=0)
+    return ups, downs
+
+
+def _non_finite(key: str) -> FuseError:
+    return FuseError(f"{key}: the merged weight has NaN/Inf values (a broken LoRA file or an absurd strength); "
+                     "nothing was changed - check the LoRA file and the strengths")
+
+
 def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> torch.Tensor:
-    """Compute ``round_to(dtype)(base + sum_i s_i * scale_i * up_i @ down_i)`` for one weight key.
+    """Compute ``round_to(dtype)(base + sum_i s_i * scale_i * up_i @ down_i)`` for one weight key, out of place.
 
     Args:
         key:   the weight key (for error messages).
         base:  float32 base weight ``[out, *in_dims]`` (any device; the result is on the same device).
-        terms: the stack's terms for this key; an empty sequence returns ``base`` rounded to ``dtype``.
+        terms: the stack's terms for this key (must not be empty).
         dtype: the model weight's dtype; the fp32 sum is rounded to it exactly once (round-to-nearest-even).
     Returns:
         A new contiguous tensor of ``base.shape`` and ``dtype``.
@@ -105,19 +119,47 @@ def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: tor
         FuseError: if a factor's shape does not match ``base`` or the result has NaN/Inf (in fp32 or after
             rounding, e.g. fp16 overflow).
     """
-    out_rows = base.shape[0]
-    flat = base.reshape(out_rows, -1)
-    if terms:
-        for _, f in terms:
-            f.check(key, tuple(base.shape))
-        device = base.device
-        ups = torch.cat([f.up.to(device) * (float(s) * f.scale) for s, f in terms], dim=1)
-        downs = torch.cat([f.down.to(device) for _, f in terms], dim=0)
-        flat = torch.addmm(flat, ups, downs)
-    out = flat.reshape(base.shape).to(dtype)
+    ups, downs = _factors32(key, base.shape, terms, base.device)
+    out = torch.addmm(base.reshape(base.shape[0], -1), ups, downs).reshape(base.shape).to(dtype)
     # One reduction instead of an elementwise isfinite: any NaN/Inf (also fp16 overflow in the rounding) makes
     # the fp32 sum non-finite, and a sum of finite weights cannot reach fp32's range.
     if not bool(torch.isfinite(out.sum(dtype=torch.float32))):
-        raise FuseError(f"{key}: the merged weight has NaN/Inf values (a broken LoRA file or an absurd strength); "
-                        "nothing was changed - check the LoRA file and the strengths")
+        raise _non_finite(key)
     return out.contiguous()
+
+
+BLOCK_ELEMENTS = 1 << 18
+"""Elements per row block of ``fuse_into`` (1 MiB of float32: the block stays in cache between the matmul, the
+rounding copy into the weight and the finiteness check)."""
+
+
+def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
+    """Write ``round_to(param.dtype)(base + sum_i s_i * scale_i * up_i @ down_i)`` into ``param`` in place.
+
+    The same numbers as ``fused_weight``, computed in row blocks of about ``BLOCK_ELEMENTS`` so that only the base
+    (read) and the weight (written) cross main memory; a non-contiguous weight (e.g. channels_last) is written
+    in one piece.
+
+    Args:
+        key: the weight key (for error messages).
+        param: the live weight ``[out, *in_dims]`` (float16/bfloat16/float32; written via ``.data``).
+        base: its base, ``param``'s shape, float32 or native dtype, any device (upcast per block).
+        terms: the stack's terms for this key (must not be empty).
+    Raises:
+        FuseError: shape mismatch (nothing written) or NaN/Inf in the result; in the latter case ``param`` may be
+            partly written and the caller must restore it.
+    """
+    data = param.data
+    if not data.is_contiguous():
+        data.copy_(fused_weight(key, base.to(data.device, torch.float32), terms, data.dtype))
+        return
+    ups, downs = _factors32(key, data.shape, terms, data.device)
+    out_rows = data.shape[0]
+    flat, base_flat = data.view(out_rows, -1), base.reshape(out_rows, -1)
+    step = max(1, BLOCK_ELEMENTS // flat.shape[1])
+    for r0 in range(0, out_rows, step):
+        r1 = min(out_rows, r0 + step)
+        block = flat[r0:r1]
+        block.copy_(torch.addmm(base_flat[r0:r1].to(data.device, torch.float32), ups[r0:r1], downs))
+        if not bool(torch.isfinite(block.sum(dtype=torch.float32))):
+            raise _non_finite(key)

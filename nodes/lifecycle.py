@@ -17,6 +17,7 @@ ComfyUI restore + one fused bake of the touched keys; the pack holds no second c
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
@@ -75,6 +76,14 @@ class PackBackup(NamedTuple):
 _ENGINE_ATTR = "_batch_lora_engine"  # the engine lives on the torch model it patches and dies with it
 
 
+def _cache_options() -> dict:
+    """Base-cache settings from the environment: BATCH_LORA_BASE_CACHE=fp32|native (default fp32) and
+    BATCH_LORA_BASE_CACHE_BUDGET_MB (default unbounded)."""
+    budget = os.environ.get("BATCH_LORA_BASE_CACHE_BUDGET_MB")
+    return {"dtype": os.environ.get("BATCH_LORA_BASE_CACHE", "fp32"),
+            "budget_bytes": int(float(budget) * 2**20) if budget else None}
+
+
 def stack_of(patcher) -> StackSpec | None:
     """The ``StackSpec`` a ModelPatcher carries, or None."""
     return patcher.get_attachment(KEY)
@@ -115,10 +124,11 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
 
 def engine_for(model: torch.nn.Module, offload_device=None, create: bool = True) -> InPlacePatcher | None:
     """The pack's ``InPlacePatcher`` (base cache + applied state) for one torch model (a ComfyUI BaseModel or a
-    text-encoder module), created on first use with a float32 base cache on ``offload_device``."""
+    text-encoder module), created on first use with a base cache on ``offload_device`` (see ``_cache_options``)."""
     engine = model.__dict__.get(_ENGINE_ATTR)
     if engine is None and create:
-        engine = model.__dict__[_ENGINE_ATTR] = InPlacePatcher(model, BaseCache(device=offload_device))
+        cache = BaseCache(device=offload_device, **_cache_options())
+        engine = model.__dict__[_ENGINE_ATTR] = InPlacePatcher(model, cache)
     return engine
 
 

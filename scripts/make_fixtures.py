@@ -76,6 +76,14 @@ UNET_PREFIX = "model.diffusion_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 VAE_PREFIX = "first_stage_model."
 
+SD15_UNET_CONFIG = dict(
+    in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2], channel_mult=[1, 2, 4, 4],
+    transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0], transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    transformer_depth_middle=1, context_dim=768, num_heads=8, num_head_channels=-1,
+    use_linear_in_transformer=False, use_spatial_transformer=True, legacy=False, image_size=32)
+"""The full-size SD1.5 UNet configuration (ComfyUI openaimodel.UNetModel keyword arguments, 860 M parameters),
+for benchmarks and GPU checks that build the model in memory instead of from a file."""
+
 MC = 320          # model_channels
 TEMB = 4 * MC     # time embedding width
 CTX = 768         # context_dim (CLIP-L width)

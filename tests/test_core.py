@@ -257,7 +257,8 @@ def test_any_sequence_equals_fresh_merge_from_base(ops):
             expected = {k: [(s, pool[(k, i)]) for s, i in terms] for k, terms in op.items()}
             patcher.apply(expected)
         for key in KEYS:
-            want = fused_weight(key, base[key].float(), expected.get(key, []), torch.float16)
+            terms = expected.get(key)
+            want = fused_weight(key, base[key].float(), terms, torch.float16) if terms else base[key]
             assert torch.equal(net.get_parameter(key).detach(), want), key
 
 
@@ -291,3 +292,28 @@ def test_lora_file_cache_evicts_least_recently_used(tmp_path):
     assert cache.nbytes == 2048
     cache.load(str(tmp_path / "c.safetensors"))
     assert cache.reads == 4  # a was re-read after eviction; c stayed cached
+
+
+def test_blocked_in_place_fuse_matches_oracle_and_rolls_back_a_half_written_key(monkeypatch):
+    from batch_lora.core import fuse as fuse_module
+    monkeypatch.setattr(fuse_module, "BLOCK_ELEMENTS", 64)  # many row blocks per weight
+    net = Net()
+    before = snapshot(net)
+    patcher = InPlacePatcher(net)
+    stack = stack_of(net, 4)
+    patcher.apply(stack)
+    for key, terms in stack.items():
+        live = net.get_parameter(key).detach()
+        assert beyond_one_rounding(live, oracle(before[key], terms), operand_scale(before[key], terms)) == 0, key
+    patcher.reset()
+    assert_same_bits(snapshot(net), before)
+    # NaN only in the last output rows of lin.weight: the first blocks are written before the check fails.
+    up = torch.ones(48, 1)
+    up[-1, 0] = float("nan")
+    bad = stack_of(net, 5)
+    bad["lin.weight"] = [(1.0, LoraFactors.from_tensors(up, torch.ones(1, 40), None, "late-nan"))]
+    patcher.apply(stack)
+    applied = snapshot(net)
+    with pytest.raises(FuseError, match="lin.weight"):
+        patcher.apply(bad)
+    assert_same_bits(snapshot(net), applied)

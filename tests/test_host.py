@@ -256,3 +256,30 @@ def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
             load(h, later)
         load(h, model)
         assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+
+
+def test_base_cache_options_native_dtype_and_budget(comfy_host, monkeypatch):
+    h = comfy_host
+    from batch_lora.core import CacheBudgetError
+    from batch_lora.nodes.lifecycle import engine_for
+    touched = {k for k in MANIFEST[A].model_keys if k.startswith("diffusion_model.")}
+    monkeypatch.setenv("BATCH_LORA_BASE_CACHE", "native")
+    model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        load(h, model)
+        base = weights(model)
+        lora_m, _, _ = run_loader(h, model, None, row(A, 0.8))
+        load(h, lora_m)
+        assert engine_for(model.model, create=False).cache.nbytes == sum(base[k].numel() * 2 for k in touched)
+        load(h, model)
+        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+    monkeypatch.setenv("BATCH_LORA_BASE_CACHE_BUDGET_MB", "0.5")
+    model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        load(h, model)
+        base = weights(model)
+        lora_m, _, _ = run_loader(h, model, None, row(A, 0.8))
+        with pytest.raises(CacheBudgetError, match="budget of 524288 bytes exceeded while caching diffusion_model"):
+            load(h, lora_m)
+        load(h, model)
+        assert all(same_bits(v, base[k]) for k, v in weights(model).items())

@@ -28,15 +28,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 import pack_alias  # noqa: E402
+from make_fixtures import SD15_UNET_CONFIG as SD15  # noqa: E402
 
 pack_alias.register()
 from batch_lora.core import InPlacePatcher, LoraFactors  # noqa: E402
 
-SD15 = dict(in_channels=4, out_channels=4, model_channels=320, num_res_blocks=[2, 2, 2, 2],
-            channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
-            transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1,
-            context_dim=768, num_heads=8, num_head_channels=-1, use_linear_in_transformer=False,
-            use_spatial_transformer=True, legacy=False, image_size=32)
 TINY = dict(SD15, model_channels=64, num_heads=4, num_res_blocks=[1, 1], channel_mult=[1, 2],
             transformer_depth=[1, 1], transformer_depth_output=[1, 1, 1, 1], transformer_depth_middle=1)
 
