@@ -30,6 +30,7 @@ class LoraFileCache:
     def __init__(self, budget_bytes: int = 2 << 30):
         self.budget_bytes = budget_bytes
         self._files: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
+        self._derived: dict[tuple, dict] = {}  # per file version: values computed from its tensors
         self._lock = threading.Lock()
         self.reads = 0
 
@@ -77,15 +78,32 @@ class LoraFileCache:
             self._files[ident] = tensors
             self._files.move_to_end(ident)
             while len(self._files) > 1 and sum(_nbytes(sd) for sd in self._files.values()) > self.budget_bytes:
-                self._files.popitem(last=False)
+                self._derived.pop(self._files.popitem(last=False)[0], None)
             if _nbytes(tensors) > self.budget_bytes:
                 self._files.pop(ident, None)
         return tensors
+
+    def derived(self, path: str, name, compute):
+        """A value computed from the tensors of ``path`` (e.g. its mapping onto a model's keys), kept with the
+        file's cache entry: ``compute(tensors)`` runs once per file version and ``name``, and the value goes
+        when the file is evicted or changes on disk. Raises what ``load`` raises."""
+        tensors = self.load(path)
+        ident = self.identity(path)
+        with self._lock:
+            values = self._derived.setdefault(ident, {})
+            if name in values:
+                return values[name]
+        value = compute(tensors)
+        with self._lock:
+            if ident in self._files:
+                self._derived.setdefault(ident, {})[name] = value
+        return value
 
     def clear(self) -> None:
         """Drop every cached file."""
         with self._lock:
             self._files.clear()
+            self._derived.clear()
 
 
 def _nbytes(tensors: dict[str, torch.Tensor]) -> int:

@@ -157,9 +157,11 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
     out_rows = data.shape[0]
     flat, base_flat = data.view(out_rows, -1), base.reshape(out_rows, -1)
     step = max(1, BLOCK_ELEMENTS // flat.shape[1])
+    scratch = torch.empty(min(step, out_rows), flat.shape[1], dtype=torch.float32, device=data.device)
     for r0 in range(0, out_rows, step):
         r1 = min(out_rows, r0 + step)
-        block = flat[r0:r1]
-        block.copy_(torch.addmm(base_flat[r0:r1].to(data.device, torch.float32), ups[r0:r1], downs))
+        block, out = flat[r0:r1], scratch[: r1 - r0]
+        torch.addmm(base_flat[r0:r1].to(data.device, torch.float32), ups[r0:r1], downs, out=out)
+        block.copy_(out)
         if not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

@@ -13,7 +13,8 @@ import folder_paths
 import comfy.lora
 import comfy.weight_adapter
 
-from ..core import LoraFactors, LoraFileCache, LoraFileError, resolve
+from ..core import LoraFactors, LoraFileCache, LoraFileError
+from .lifecycle import engine_for
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
 
@@ -124,36 +125,43 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     """
     unet_map = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
     clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-    key_map = {**unet_map, **clip_map}
-    unet_keys = set(unet_map.values())
+    maps_id = (hash(frozenset(unet_map.items())), hash(frozenset(clip_map.items())))
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
     matches, signature = [], []
     for entry in entries:
         path = lora_path(entry.name)
         ident = FILES.identity(path)
-        tensors = FILES.load(path)
-        patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
-        match = LoraMatch(entry)
-        for key, adapter in patches.items():
-            in_unet = key in unet_keys
+        mapped, unmatched = FILES.derived(path, ("mapping", maps_id),
+                                          lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map))
+        match = LoraMatch(entry, unmatched=unmatched)
+        for key, factors, in_unet in mapped:
             target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
-            factors = _factors(entry.name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}")
-            factors.check(key, tuple(resolve(target.model, key).param.shape))
+            factors.check(key, tuple(engine_for(target.model, target.offload_device).target(key).param.shape))
             if strength != 0.0:
                 (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
             if in_unet:
                 match.unet_keys += 1
             else:
                 match.clip_keys += 1
-        matched = {x for x, key in key_map.items() if key in patches}
-        match.unmatched = sorted(k for k in tensors if not _has_prefix(k, matched))
-        if not patches:
-            raise LoraFileError(f"LoRA {entry.name!r}: none of its {len(tensors)} tensors match this model "
-                                f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")
         matches.append(match)
         signature.append(f"{ident}:{entry.strength_model!r}:{entry.strength_clip!r}")
     return unet_plan, clip_plan, matches, "|".join(signature)
+
+
+def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: dict):
+    """ComfyUI's mapping of one file onto the model: ``([(weight key, LoraFactors, is_unet)], unmatched tensor
+    names)``. Raises LoraFileError when nothing matches, NotImplementedError for adapters not fused here."""
+    key_map = {**unet_map, **clip_map}
+    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    if not patches:
+        raise LoraFileError(f"LoRA {name!r}: none of its {len(tensors)} tensors match this model "
+                            f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")
+    unet_keys = set(unet_map.values())
+    mapped = [(key, _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"), key in unet_keys)
+              for key, adapter in patches.items()]
+    matched = {x for x, key in key_map.items() if key in patches}
+    return mapped, sorted(k for k in tensors if not _has_prefix(k, matched))
 
 
 def _has_prefix(tensor_key: str, prefixes: set) -> bool:
