@@ -28,9 +28,9 @@ class ApplyInterrupted(RuntimeError):
 
 @dataclass
 class Counters:
-    """Running totals for one patcher (tests and the status report read these).
+    """Running totals for one patcher (tests and benchmarks read these).
 
-    merges: keys fused (one fused matmul each); writes: in-place parameter writes (fused results, restores and
+    merges: keys fused (one fused pass each); writes: in-place parameter writes (fused results, restores and
     rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error.
     """
 

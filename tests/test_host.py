@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
 from comfy_host import load, load_checkpoint, weights
-from oracle import beyond_one_rounding, beyond_one_step, same_bits
+from oracle import beyond_one_rounding, beyond_one_step, same_bits, ulp
 
 pytestmark = pytest.mark.host
 
@@ -283,3 +283,32 @@ def test_base_cache_options_native_dtype_and_budget(comfy_host, monkeypatch):
             load(h, lora_m)
         load(h, model)
         assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+
+
+def test_stock_patch_on_the_same_keys_composes_and_restores(comfy_host, fixtures_dir):
+    """Stock LoraLoader (A) then this pack (C) on overlapping keys: base + A + C (one extra rounding on the
+    shared keys); then the plain model and the stock-only model get exactly their own weights back."""
+    h = comfy_host
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with torch.inference_mode():
+        load(h, model)
+        base = weights(model)
+        stock_m, _ = h.nodes.LoraLoader().load_lora(model, None, A, 0.5, 0.0)
+        load(h, stock_m)
+        stock_only = weights(stock_m)
+        both_m, _, _ = run_loader(h, stock_m, None, row(C, 0.6))
+        load(h, both_m)
+        ref = oracle(fixtures_dir, [(A, 0.5, 0.0), (C, 0.6, 0.0)])
+        ref_a = oracle(fixtures_dir, [(A, 0.5, 0.0)])
+        for key in MANIFEST[A].model_keys & MANIFEST[C].model_keys:
+            if key.startswith("diffusion_model."):
+                live = both_m.model.get_parameter(key).detach().double()
+                exact, operands = ref[key]
+                # Two roundings, one step each at most: ComfyUI rounds base + A, then this pack rounds that + C.
+                bound = ulp(ref_a[key][0], torch.float16) + ulp(exact, torch.float16) + 64 * 2.0**-24 * operands
+                assert bool(((live - exact).abs() <= bound).all()), key
+        load(h, model)
+        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+        load(h, both_m)
+        load(h, stock_m)
+        assert all(same_bits(v, stock_only[k]) for k, v in weights(stock_m).items())
