@@ -168,8 +168,8 @@ def naive_cycles(work: Path, cycles: int = 1000) -> list[dict]:
                                              f"{name}#{m.model_key}")
                 stack.setdefault(attrs[m.model_key], []).append((sm, f))
         stacks.append(stack)
-    deltas = [{k: sum(s * f.scale * (f.up @ f.down) for s, f in terms).reshape(module.get_parameter(k).shape)
-               for k, terms in stack.items()} for stack in stacks]
+    deltas = [{k: sum(s * f.scale * (f.up.float() @ f.down.float()) for s, f in terms).reshape(
+        module.get_parameter(k).shape) for k, terms in stack.items()} for stack in stacks]  # fp32, as the pack
     base = {k: v.detach().clone() for k, v in module.named_parameters()}
     naive = {k: v.clone() for k, v in base.items()}
     patcher = InPlacePatcher(module)
