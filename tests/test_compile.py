@@ -92,7 +92,7 @@ def test_stack_switches_on_a_compiled_model_never_recompile(server, capsys):
     errors = {name: rel(compiled[name], eager[name]) for name in compiled}
     errors.update({f"before/{n}": rel(before[n], eager[n]) for n in before})
     with capsys.disabled():
-        print(f"\ncompiled vs eager, relative L2 per stack: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+        print("\ncompiled vs eager, relative L2 per stack: " + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
               + f"; graphs {after_first[1]}, frames {after_first[0]}, recompiles after the first prompt: 0")
     assert max(errors.values()) < 1e-3
     names = list(STACKS) + ["reset"]

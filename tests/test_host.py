@@ -1,7 +1,6 @@
 """The nodes inside the real ComfyUI host, in-process: merges against an independent fp32 oracle computed from
 the files on disk and against stock ComfyUI's LoraLoader chain; exact reset; plain paths; in-place writes;
 no work for an unchanged stack; bad LoRAs rejected with the model left bit-identical."""
-import math
 
 import pytest
 import torch
