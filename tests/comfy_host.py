@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from oracle import same_bits
+
 ROOT = Path(__file__).resolve().parents[1]
 COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui")
 _HOST = None
@@ -66,3 +68,8 @@ def weights(patcher, keys=None) -> dict[str, torch.Tensor]:
     module = patcher.model
     names = keys if keys is not None else [n for n, _ in module.named_parameters() if n not in UNINITIALISED]
     return {k: module.get_parameter(k).detach().clone() for k in names}
+
+
+def same_weights(patcher, expected: dict[str, torch.Tensor], keys=None) -> bool:
+    """Whether the live weights (``keys``, or all but ``UNINITIALISED``) are bit-identical to ``expected``."""
+    return all(same_bits(v, expected[k]) for k, v in weights(patcher, keys).items())

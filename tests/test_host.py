@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
-from comfy_host import load, load_checkpoint, weights
-from oracle import beyond_one_rounding, beyond_one_step, same_bits, ulp
+from comfy_host import load, load_checkpoint, same_weights, weights
+from oracle import beyond_one_rounding, beyond_one_step, ulp
 
 pytestmark = pytest.mark.host
 
@@ -117,15 +117,15 @@ def test_reset_plain_path_and_in_place_writes(comfy_host):
         touched = MANIFEST[A].model_keys | MANIFEST[C].model_keys
         assert all(not torch.equal(lora_m.model.get_parameter(k), base_u[k]) for k in touched if k in base_u)
         load(h, model, clip.load_model())  # plain path right after the LoRA path
-        assert all(same_bits(v, base_u[k]) for k, v in weights(model).items())
-        assert all(same_bits(v, base_c[k]) for k, v in weights(clip.patcher).items())
+        assert same_weights(model, base_u)
+        assert same_weights(clip.patcher, base_c)
         load(h, lora_m, lora_c.load_model())
         reset_m, reset_c = h.pack.ResetAdapters().reset(False, lora_m, lora_c)
         load(h, reset_m, reset_c.load_model())
-        assert all(same_bits(v, base_u[k]) for k, v in weights(reset_m).items())
-        assert all(same_bits(v, base_c[k]) for k, v in weights(reset_c.patcher).items())
-        assert all(same_bits(v, own_u[k]) for k, v in weights(reset_m, list(own_u)).items())
-        assert all(same_bits(v, own_c[k]) for k, v in weights(reset_c.patcher, list(own_c)).items())
+        assert same_weights(reset_m, base_u)
+        assert same_weights(reset_c.patcher, base_c)
+        assert same_weights(reset_m, own_u, list(own_u))
+        assert same_weights(reset_c.patcher, own_c, list(own_c))
         for k, p in model.model.named_parameters():
             assert p is params[k][0] and p.data_ptr() == params[k][1], k
 
@@ -177,14 +177,14 @@ def test_bad_loras_rejected_and_model_left_bit_identical(comfy_host, fixtures_di
             run_loader(h, good_m, good_c, row("missing.safetensors"))
         with pytest.raises(ValueError, match="lora_1.strength_model"):
             run_loader(h, good_m, good_c, row(A, float("inf")))
-        assert all(same_bits(v, before_u[k]) for k, v in weights(good_m).items())
+        assert same_weights(good_m, before_u)
         # A result that overflows fp16 is only seen while baking: the load fails and nothing stays half-patched.
         huge_m, _, _ = run_loader(h, good_m, None, row("overflow_lora.safetensors", 5.0))
         with pytest.raises(FuseError, match="NaN/Inf"):
             load(h, huge_m)
         load(h, good_m, good_c.load_model())
-        assert all(same_bits(v, before_u[k]) for k, v in weights(good_m).items())
-        assert all(same_bits(v, before_c[k]) for k, v in weights(good_c.patcher).items())
+        assert same_weights(good_m, before_u)
+        assert same_weights(good_c.patcher, before_c)
 
 
 def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
@@ -199,11 +199,11 @@ def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
         on_load = h.comfy.patcher_extension.CallbacksMP.ON_LOAD
         assert len(two_m.get_all_callbacks(on_load)) == len(model.get_all_callbacks(on_load)) + 1  # one hook
         load(h, two_m, two_c.load_model())
-        assert all(same_bits(v, expected_u[k]) for k, v in weights(two_m).items())
+        assert same_weights(two_m, expected_u)
         stack_m, stack_c, _ = run_loader(h, model, clip, row(C, 0.6, 0.5), lora_stack=[(A, 0.8, 1.0)])
         load(h, stack_m, stack_c.load_model())
-        assert all(same_bits(v, expected_u[k]) for k, v in weights(stack_m).items())
-        assert all(same_bits(v, expected_c[k]) for k, v in weights(stack_c.patcher).items())
+        assert same_weights(stack_m, expected_u)
+        assert same_weights(stack_c.patcher, expected_c)
 
 
 def test_reset_with_free_cache_releases_base_copies(comfy_host):
@@ -224,10 +224,10 @@ def test_reset_with_free_cache_releases_base_copies(comfy_host):
         assert FILES.nbytes == 0
         load(h, reset_m)
         assert engine.cache.nbytes == 0 and engine.applied_keys == set()
-        assert all(same_bits(v, base[k]) for k, v in weights(reset_m).items())
+        assert same_weights(reset_m, base)
         again, _, _ = run_loader(h, model, None, row(A, 0.8), row(C, 0.6))  # re-reads files, re-captures bases
         load(h, again)
-        assert all(same_bits(v, applied[k]) for k, v in weights(again).items())
+        assert same_weights(again, applied)
 
 
 def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
@@ -254,7 +254,7 @@ def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
         with pytest.raises(UnsupportedTarget, match=r"node 8"):
             load(h, later)
         load(h, model)
-        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+        assert same_weights(model, base)
 
 
 def test_base_cache_options_native_dtype_and_budget(comfy_host, monkeypatch):
@@ -271,7 +271,7 @@ def test_base_cache_options_native_dtype_and_budget(comfy_host, monkeypatch):
         load(h, lora_m)
         assert engine_for(model.model, create=False).cache.nbytes == sum(base[k].numel() * 2 for k in touched)
         load(h, model)
-        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+        assert same_weights(model, base)
     monkeypatch.setenv("BATCH_LORA_BASE_CACHE_BUDGET_MB", "0.5")
     model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
     with torch.inference_mode():
@@ -281,7 +281,7 @@ def test_base_cache_options_native_dtype_and_budget(comfy_host, monkeypatch):
         with pytest.raises(CacheBudgetError, match="budget of 524288 bytes exceeded while caching diffusion_model"):
             load(h, lora_m)
         load(h, model)
-        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+        assert same_weights(model, base)
 
 
 def test_stock_patch_on_the_same_keys_composes_and_restores(comfy_host, fixtures_dir):
@@ -307,7 +307,7 @@ def test_stock_patch_on_the_same_keys_composes_and_restores(comfy_host, fixtures
                 bound = ulp(ref_a[key][0], torch.float16) + ulp(exact, torch.float16) + 64 * 2.0**-24 * operands
                 assert bool(((live - exact).abs() <= bound).all()), key
         load(h, model)
-        assert all(same_bits(v, base[k]) for k, v in weights(model).items())
+        assert same_weights(model, base)
         load(h, both_m)
         load(h, stock_m)
-        assert all(same_bits(v, stock_only[k]) for k, v in weights(stock_m).items())
+        assert same_weights(stock_m, stock_only)
