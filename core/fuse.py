@@ -128,6 +128,21 @@ def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: tor
     return out.contiguous()
 
 
+def _square_limit(dtype: torch.dtype) -> float:
+    """A bound on ``sum(x**2)`` of a float32 block below which every element surely rounds to a finite ``dtype``
+    value: (half the dtype's max)**2, capped for dtypes with float32's range. The factor 1/2 absorbs the float32
+    summation error of the sum of squares (relative error << 1 for any block size used here)."""
+    return (0.5 * min(torch.finfo(dtype).max, 1e18)) ** 2
+
+
+def _surely_finite(block32: torch.Tensor, limit: float) -> bool:
+    """True when the contiguous float32 ``block32`` is finite and fits ``limit`` (see ``_square_limit``); one
+    vectorised dot product, ~2.5x cheaper than summing the rounded block. False means "check exactly": a NaN/Inf
+    makes the dot NaN/Inf, and a legitimately large weight only costs the exact check."""
+    flat = block32.view(-1)
+    return bool(torch.dot(flat, flat) <= limit)
+
+
 BLOCK_ELEMENTS = 1 << 18
 """Elements per row block of ``fuse_into`` (1 MiB of float32: the block stays in cache between the matmul, the
 rounding copy into the weight and the finiteness check)."""
@@ -158,10 +173,11 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
     flat, base_flat = data.view(out_rows, -1), base.reshape(out_rows, -1)
     step = max(1, BLOCK_ELEMENTS // flat.shape[1])
     scratch = torch.empty(min(step, out_rows), flat.shape[1], dtype=torch.float32, device=data.device)
+    limit = _square_limit(data.dtype)
     for r0 in range(0, out_rows, step):
         r1 = min(out_rows, r0 + step)
         block, out = flat[r0:r1], scratch[: r1 - r0]
         torch.addmm(base_flat[r0:r1].to(data.device, torch.float32), ups[r0:r1], downs, out=out)
         block.copy_(out)
-        if not bool(torch.isfinite(block.sum(dtype=torch.float32))):
+        if not _surely_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

@@ -7,10 +7,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from safetensors.torch import save_file
 
-from oracle import beyond_one_rounding
+from oracle import beyond_one_rounding, same_bits
 
 from batch_lora.core import (ApplyInterrupted, BaseCache, CacheBudgetError, FuseError, InPlacePatcher,
-                             LoraFactors, LoraFileCache, LoraFileError, fused_weight)
+                             LoraFactors, LoraFileCache, LoraFileError, fuse_into, fused_weight)
 
 
 def factors(out, inner, rank, alpha, seed, token=None, conv=None):
@@ -76,6 +76,23 @@ def test_fused_weight_rejects_shape_mismatch_and_overflow():
     huge = LoraFactors.from_tensors(torch.full((8, 1), 300.0), torch.full((1, 6), 300.0), None, "huge")
     with pytest.raises(FuseError, match="NaN/Inf"):
         fused_weight("k.weight", base, [(1.0, huge)], torch.float16)  # 90000 > fp16 max
+
+
+@pytest.mark.parametrize("value, finite", [(40000.0, True), (65504.0, True), (65536.0, False), (float("inf"), False)])
+def test_fuse_into_finiteness_check_is_exact_at_the_fp16_limit(value, finite):
+    # fuse_into screens blocks with a cheap sum of squares and falls back to an exact check: large but
+    # representable weights pass and equal the out-of-place result; one overflowing element anywhere raises.
+    base = torch.full((300, 2000), 0.5)
+    base[-1, -1] = value
+    param = torch.zeros(300, 2000, dtype=torch.float16)
+    tiny = LoraFactors.from_tensors(torch.full((300, 1), 1e-3), torch.full((1, 2000), 1e-3), None, "tiny")
+    if finite:
+        fuse_into("k.weight", param, base, [(1.0, tiny)])
+        assert same_bits(param, fused_weight("k.weight", base, [(1.0, tiny)], torch.float16))
+        assert param[-1, -1].item() == value
+    else:
+        with pytest.raises(FuseError, match="k.weight.*NaN/Inf"):
+            fuse_into("k.weight", param, base, [(1.0, tiny)])
 
 
 class Net(torch.nn.Module):
