@@ -31,13 +31,17 @@ class Counters:
     """Running totals for one patcher (tests and benchmarks read these).
 
     merges: keys fused (one fused pass each); writes: in-place parameter writes (fused results, restores and
-    rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error.
+    rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error;
+    moves: applies that found weights this engine wrote on another device or in new storage since its last write
+    (the host moved the model, e.g. ComfyUI's normal-VRAM offload round trip; the engine itself never moves
+    weights).
     """
 
     merges: int = 0
     writes: int = 0
     restores: int = 0
     rollbacks: int = 0
+    moves: int = 0
 
 
 @dataclass
@@ -71,6 +75,7 @@ class InPlacePatcher:
         # key -> (signature, terms) of what is baked into the live weight; absent = the weight is at its base.
         self._applied: dict[str, tuple[tuple, Sequence[Term]]] = {}
         self._targets: dict[str, Target] = {}
+        self._placed: dict[str, int] = {}  # key -> data_ptr() of its parameter at this engine's last write
 
     @property
     def applied_keys(self) -> set[str]:
@@ -110,6 +115,10 @@ class InPlacePatcher:
         """
         start = time.perf_counter()
         report = ApplyReport()
+        moved = {k: now for k, ptr in self._placed.items() if (now := self._targets[k].param.data_ptr()) != ptr}
+        if moved:
+            self.counters.moves += 1
+            self._placed.update(moved)
         work: list[tuple[str, Sequence[Term]]] = [(k, ()) for k in self._applied if not stack.get(k)]
         for key, terms in stack.items():
             if not terms:
@@ -170,6 +179,7 @@ class InPlacePatcher:
             param.data.copy_(base)
             self.counters.restores += 1
         self.counters.writes += 1
+        self._placed[key] = param.data_ptr()
         if terms:
             self._applied[key] = (_signature(terms), terms)
         else:

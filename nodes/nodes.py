@@ -90,13 +90,13 @@ class BatchLoraLoader:
         pack does not fuse (each names the row, file or key)."""
         node = f"Batch LoRA Loader (node {unique_id})" if unique_id is not None else "Batch LoRA Loader"
         entries = parse_entries(rows, lora_stack)
-        unet_plan, clip_plan, matches, signature = build_plans(model, clip, entries)
+        unet_plan, clip_plan, matches, unet_signature, clip_signature = build_plans(model, clip, entries)
         labels = [f"{e.name}@{e.strength_model:g}/{e.strength_clip:g}" for e in entries]
-        out_model = _stacked(model, unet_plan, signature, labels, node)
+        out_model = _stacked(model, unet_plan, unet_signature, labels, node)
         out_clip = None
         if clip is not None:
             out_clip = clip.clone()
-            out_clip.patcher = _stacked(clip.patcher, clip_plan, signature, labels, node)
+            out_clip.patcher = _stacked(clip.patcher, clip_plan, clip_signature, labels, node)
         runs_on = f"model: {describe(model)}" + (f"; clip: {describe(clip.patcher)}" if clip is not None else "")
         report = "\n".join([runs_on] + ([m.line() for m in matches] or ["no LoRA enabled"]))
         if not matches:

@@ -115,8 +115,9 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         model: a ComfyUI ModelPatcher (or None); clip: a ComfyUI CLIP (or None).
         entries: enabled entries from ``parse_entries``.
     Returns:
-        ``(unet_plan, clip_plan, matches, signature)``: plans map weight key -> list of ``(strength, LoraFactors)``;
-        ``signature`` is a text naming files (path, size, mtime), and strengths, in order.
+        ``(unet_plan, clip_plan, matches, unet_signature, clip_signature)``: plans map weight key -> list of
+        ``(strength, LoraFactors)``; a signature is a text naming the files (path, size, mtime) and that side's
+        strengths, in order, so a strength_model edit does not re-bake the text encoder and vice versa.
     Raises:
         LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
         FuseError: a factor's shape does not fit the model weight (the LoRA is for another architecture).
@@ -128,7 +129,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     maps_id = (hash(frozenset(unet_map.items())), hash(frozenset(clip_map.items())))
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
-    matches, signature = [], []
+    matches, unet_signature, clip_signature = [], [], []
     for entry in entries:
         path = lora_path(entry.name)
         ident = FILES.identity(path)
@@ -145,8 +146,9 @@ def build_plans(model, clip, entries: list[LoraEntry]):
             else:
                 match.clip_keys += 1
         matches.append(match)
-        signature.append(f"{ident}:{entry.strength_model!r}:{entry.strength_clip!r}")
-    return unet_plan, clip_plan, matches, "|".join(signature)
+        unet_signature.append(f"{ident}:{entry.strength_model!r}")
+        clip_signature.append(f"{ident}:{entry.strength_clip!r}")
+    return unet_plan, clip_plan, matches, "|".join(unet_signature), "|".join(clip_signature)
 
 
 def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: dict):

@@ -159,6 +159,21 @@ def test_unchanged_stack_does_no_work_and_edit_rebakes_only_touched_keys():
     report = patcher.apply(edited)
     assert (report.merged, report.unchanged) == (1, 2)
     assert patcher.counters.writes == writes + 1
+    assert patcher.counters.moves == 0
+
+
+def test_moves_counts_applies_after_the_host_moved_the_weights():
+    # What a device round trip (Module.to: same Parameter, new storage) looks like to the engine, on the CPU.
+    net = Net()
+    patcher = InPlacePatcher(net)
+    patcher.apply(stack_of(net, 1))
+    patcher.reset()
+    assert patcher.counters.moves == 0
+    net.lin.weight.data = net.lin.weight.data.clone()
+    patcher.apply(stack_of(net, 2))
+    assert patcher.counters.moves == 1
+    patcher.apply(stack_of(net, 1))  # nothing moved since the last write
+    assert patcher.counters.moves == 1
 
 
 def test_thousand_cycles_never_drift():

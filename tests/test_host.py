@@ -151,6 +151,23 @@ def test_unchanged_stack_costs_nothing_and_edit_rebakes_only_touched(comfy_host)
         touched = len({k for k in MANIFEST[A].model_keys | MANIFEST[C].model_keys if k.startswith("diffusion_model.")})
         assert engine.counters.merges == first[0] + touched
         assert engine.counters.writes == first[1] + touched
+        # A strength_model edit leaves the text encoder alone, and the reverse; --cpu never moves a weight.
+        m2, c2, _ = run_loader(h, model, clip, row(A, 0.8, 1.0))
+        load(h, m2, c2.load_model())
+        clip_engine = engine_for(clip.patcher.model, create=False)
+        clip_first = clip_engine.counters.merges
+        m3, c3, _ = run_loader(h, model, clip, row(A, 0.5, 1.0))
+        assert c3.patcher.patches_uuid == c2.patcher.patches_uuid
+        load(h, m3, c3.load_model())
+        assert clip_engine.counters.merges == clip_first
+        m4, c4, _ = run_loader(h, model, clip, row(A, 0.5, 0.3))
+        merges = engine.counters.merges
+        assert m4.patches_uuid == m3.patches_uuid
+        load(h, m4, c4.load_model())
+        assert engine.counters.merges == merges
+        assert clip_engine.counters.merges == clip_first + len(MANIFEST[A].model_keys) - sum(
+            1 for k in MANIFEST[A].model_keys if k.startswith("diffusion_model."))
+        assert engine.counters.moves == clip_engine.counters.moves == 0
 
 
 def test_bad_loras_rejected_and_model_left_bit_identical(comfy_host, fixtures_dir):
