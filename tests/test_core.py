@@ -329,6 +329,7 @@ def test_lora_file_cache_evicts_least_recently_used(tmp_path):
 def test_blocked_in_place_fuse_matches_oracle_and_rolls_back_a_half_written_key(monkeypatch):
     from batch_lora.core import fuse as fuse_module
     monkeypatch.setattr(fuse_module, "BLOCK_ELEMENTS", 64)  # many row blocks per weight
+    monkeypatch.setattr(fuse_module, "BLOCK_MIN_ROWS", 1)
     net = Net()
     before = snapshot(net)
     patcher = InPlacePatcher(net)
