@@ -194,6 +194,7 @@ def main(argv=None):
             row["base_cache_bytes"] = engine.cache.nbytes + clip_engine.cache.nbytes
             row["touched_params"] = sum(params[key].numel() for e in (engine, clip_engine) for key in e.cache.keys())
             row["lora_cache_bytes"] = FILES.nbytes
+            row["moves"] = engine.counters.moves + clip_engine.counters.moves  # host moves the pack saw, all runs
             row["peak_rss_bytes"] = proc.memory_info().rss
             results.append(row)
             print(f"K={k} done", flush=True)
@@ -214,7 +215,7 @@ def main(argv=None):
         rl = r["roofline"]
         print(f"    fused UNet apply {r['fused_unet_apply_ms']:.0f} ms = {r['fused_unet_apply_ms'] / rl['bound_ms']:.2f}x "
               f"roofline ({rl['bytes'] / 2**20:.0f} MiB, {rl['flops'] / 1e9:.0f} GFLOP -> {rl['bound_ms']:.0f} ms); "
-              f"unchanged re-run merges/writes {r['unchanged_merges_writes']}; base cache "
+              f"unchanged re-run merges/writes {r['unchanged_merges_writes']}; device moves seen {r['moves']}; base cache "
               f"{r['base_cache_bytes'] / 2**20:.0f} MiB for {r['touched_params'] / 1e6:.1f} M touched params "
               f"({r['base_cache_bytes'] / max(1, r['touched_params']):.2f} B/param); LoRA cache "
               f"{r['lora_cache_bytes'] / 2**20:.0f} MiB; RSS growth with the pack only "
