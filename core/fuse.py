@@ -217,7 +217,7 @@ class LokrFactors:
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError naming ``key`` unless ``kron(w1, w2)`` fits ``shape``."""
-        _check(self, key, shape, f"kron factors of {self.rows_cols} elements")
+        _check(self, key, shape, f"kron(w1, w2) of shape {self.rows_cols}")
 
     def context(self, base: torch.Tensor, device):
         """Per-key float32 ``(w1 [o1, i1], w2 [o2, n2])``."""

@@ -156,6 +156,21 @@ def peft_processor_twin(fixtures_dir, h):
     return name
 
 
+def stock_gaps(fixtures_dir, name):
+    """Keys of format file ``name`` where stock ComfyUI 0.3.75 differs from the format's definition:
+    ``(DoRA keys with a per-output-row magnitude, LoKr keys with a Tucker core)``.
+
+    - ComfyUI's ``weight_decompose`` divides the per-output-row DoRA layout by ``||W0||`` instead of
+      ``||W0 + delta||``; those keys are checked against the oracle only.
+    - On LoKr with ``lokr_t2`` it logs "ERROR lokr <key> view size is not compatible ..." and leaves the weight at
+      its base; this pack applies it (checked against the oracle)."""
+    tensors = load_file(str(fixtures_dir / "models" / "loras" / name))
+    mods = FORMATS[name].values()
+    out_axis = {m.model_key for m in mods if m.lora_name + ".dora_scale" in tensors
+                and tensors[m.lora_name + ".dora_scale"].shape[0] == m.shape[0]}
+    return out_axis, {m.model_key for m in mods if m.lora_name + ".lokr_t2" in tensors}
+
+
 CASES = [(fx.LORA_PEFT_ATTN, 0.8, 0.6), (fx.LORA_LOHA, 0.8, 0.6), (fx.LORA_LOKR, -0.9, 1.2),
          (fx.LORA_DIFF, 0.7, 0.5), (fx.LORA_DORA, 0.8, 0.6)]
 
@@ -176,13 +191,8 @@ def test_format_matches_float64_oracle_and_stock(comfy_host, fixtures_dir, name,
     stock_m, stock_c = apply_stock(h, stock_stack)
     # ComfyUI 0.3.75 divides DoRA's per-output-row layout by ||W0|| instead of ||W0 + delta|| (see core.fuse
     # DoraFactors); those keys are checked against the oracle only.
-    tensors = load_file(str(fixtures_dir / "models" / "loras" / name))
-    out_axis = {m.model_key for m in manifest.values()
-                if tensors.get(m.lora_name + ".dora_scale", torch.ones(1)).shape[0] == m.shape[0]}
-    # Stock ComfyUI 0.3.75 fails on LoKr with a Tucker core (lokr_t2): it logs "ERROR lokr <key> view size is not
-    # compatible ..." and leaves the weight at its base; this pack applies it (checked against the oracle above).
-    stock_fails = {m.model_key for m in manifest.values() if m.lora_name + ".lokr_t2" in tensors}
     ckpt = load_file(str(fixtures_dir / "models" / "checkpoints" / fx.CHECKPOINT_NAME))
+    out_axis, stock_fails = stock_gaps(fixtures_dir, name)
     total = identical = 0
     for key, (_, mag) in ref.items():
         if key in out_axis:
@@ -198,3 +208,63 @@ def test_format_matches_float64_oracle_and_stock(comfy_host, fixtures_dir, name,
         print(f"\n[{name}] vs stock LoraLoader: {identical}/{total} elements identical "
               f"({100 * identical / total:.2f}%), the rest within one rounding step")
     assert identical / total > 0.9
+
+
+def test_peft_attention_names_are_the_ones_stock_comfyui_leaves_unmapped(comfy_host, fixtures_dir):
+    """Stock 0.3.75 maps only the non-attention module of the PEFT file; the pack maps all of them (to the same
+    weight keys as the ``.processor.`` names stock does map) and adds no name ComfyUI already has."""
+    h = comfy_host
+    from batch_lora.nodes.stack import _unet_key_map
+    model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    stock_map = h.comfy.lora.model_lora_keys_unet(model.model, {})
+    ours = _unet_key_map(model.model)
+    added = {k: v for k, v in ours.items() if k not in stock_map}
+    assert all(stock_map[k] == v for k, v in ours.items() if k in stock_map)
+    # 8 attention projections x 2 prefixes on this UNet (one transformer block), nothing else
+    assert len(added) == 16 and all(".to_" in k and ".processor." not in k for k in added), sorted(added)
+    tensors = load_file(str(fixtures_dir / "models" / "loras" / fx.LORA_PEFT_ATTN))
+    stock_patches = h.comfy.lora.load_lora(tensors, stock_map, log_missing=False)
+    expected = {m.lora_name: m.model_key for m in FORMATS[fx.LORA_PEFT_ATTN].values()}
+    assert set(stock_patches) == {expected["unet." + fx._TB0 + "ff.net.2"]}
+    assert {k: ours[k] for k in expected} == expected
+
+
+def test_report_lists_architecture_formats_and_unmatched(comfy_host, fixtures_dir, caplog):
+    h = comfy_host
+    loras = fixtures_dir / "models" / "loras"
+    tensors = load_file(str(loras / fx.LORA_LOHA))
+    junk = {f"lora_unet_not_a_module_{i}.hada_w1_a": torch.zeros(2, 2) for i in range(3)}
+    save_file({**tensors, **junk}, str(loras / "loha_plus_junk.safetensors"))
+    h.folder_paths.filename_list_cache.pop("loras", None)
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    with caplog.at_level("INFO", logger="comfyui-batch-lora"):
+        _, _, report = run_loader(h, model, clip, row("loha_plus_junk.safetensors", 0.5, 0.25), row(fx.LORA_DORA))
+    lines = report.split("\n")
+    assert lines[0] == "model: eager; clip: eager"
+    assert lines[1] == ("loha_plus_junk.safetensors  model 0.5 clip 0.25  unet 5 keys, clip 1 keys, 3 unmatched  "
+                        "(for SD15; loha 6): " + ", ".join(sorted(junk)))
+    assert lines[2] == f"{fx.LORA_DORA}  model 1 clip 1  unet 5 keys, clip 1 keys, 0 unmatched  (for SD15; dora 6)"
+    assert any(lines[1] in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+
+
+def test_mixed_stack_equals_oracle_and_stock_chain_with_dora_first(comfy_host, fixtures_dir):
+    """Every format at once plus a kohya LoRA on overlapping keys: the pack's ``W0 + sum s*delta`` equals the
+    float64 oracle, and equals stock ComfyUI's sequential chain when the DoRA file comes first in the chain (then
+    the sequential chain is the same sum; input-channel DoRA keys only, see the single-file test)."""
+    h = comfy_host
+    stack = [(fx.LORA_DORA, 0.7, 0.9), (fx.LORA_LOHA, 0.8, 0.6), (fx.LORA_LOKR, -0.5, 1.1),
+             (fx.LORA_DIFF, 0.4, 0.3), (fx.LORA_PEFT_ATTN, 0.6, 0.6)]
+    ref = oracle(fixtures_dir, stack)
+    ours_m, ours_c, _ = apply_pack(h, [row(*entry) for entry in reversed(stack)])  # order does not matter here
+    for key, (expected, mag) in ref.items():
+        assert beyond_one_rounding(live(ours_m, ours_c, key), expected, mag) == 0, key
+    twin = peft_processor_twin(fixtures_dir, h)
+    stock_m, stock_c = apply_stock(h, [(twin if n == fx.LORA_PEFT_ATTN else n, sm, sc) for n, sm, sc in stack])
+    skip = set().union(*(set().union(*stock_gaps(fixtures_dir, n)) for n, _, _ in stack))
+    checked = 0
+    for key, (_, mag) in ref.items():
+        if key not in skip:
+            # both round once; only the fp32 summation order differs
+            assert beyond_one_step(live(ours_m, ours_c, key), live(stock_m, stock_c, key), mag) == 0, key
+            checked += 1
+    assert checked >= 15
