@@ -114,7 +114,8 @@ class LoraFactors:
         _check(self, key, shape, f"up {tuple(self.up.shape)} / down {tuple(self.down.shape)}")
 
     def context(self, base: torch.Tensor, device):
-        """Per-key float32 operands ``(scale * up, down)`` (``base``: the flattened base, unused here)."""
+        """Per-key float32 operands ``(scale * up, down)`` (used when wrapped by ``DoraFactors``; standalone LoRA
+        terms are batched by the merge itself). ``base`` is unused."""
         return _f32(self.up, device) * self.scale, _f32(self.down, device)
 
     def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
@@ -147,18 +148,26 @@ class LohaFactors:
     scale: float
     token: str
 
+    @staticmethod
+    def _hada_shape(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> tuple[int, int]:
+        if t is None:
+            return int(a.shape[0]), int(b.shape[1])
+        if t.ndim != 4:
+            return -1, -1  # a Tucker core is [r, r, kh, kw]; anything else fits no weight
+        return int(a.shape[1]), int(b.shape[1] * t.shape[2] * t.shape[3])
+
     @property
     def rows_cols(self) -> tuple[int, int]:
-        """``(out, prod(in_dims))`` of the delta (each Hadamard factor must have it)."""
-        if self.t1 is None:
-            return int(self.w1_a.shape[0]), int(self.w1_b.shape[1])
-        return int(self.w1_a.shape[1]), int(self.w1_b.shape[1] * self.t1.shape[2] * self.t1.shape[3])
+        """``(out, prod(in_dims))`` of the first Hadamard factor (``check`` requires both to agree)."""
+        return self._hada_shape(self.w1_a, self.w1_b, self.t1)
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError naming ``key`` unless both Hadamard factors fit ``shape``."""
-        second = LohaFactors(self.w2_a, self.w2_b, self.w2_a, self.w2_b, self.t2, self.t2, 1.0, self.token)
-        for f in (self, second):
-            _check(f, key, shape, f"hada factors {tuple(f.w1_a.shape)} / {tuple(f.w1_b.shape)}")
+        for a, b, t in ((self.w1_a, self.w1_b, self.t1), (self.w2_a, self.w2_b, self.t2)):
+            if self._hada_shape(a, b, t) != (shape[0], _inner(shape)):
+                raise FuseError(f"{key}: LoHa {self.token} has hada factors {tuple(a.shape)} / {tuple(b.shape)}"
+                                f"{'' if t is None else f' / core {tuple(t.shape)}'}, which do not fit the model "
+                                f"weight {tuple(shape)}; the LoRA was made for another model")
 
     def context(self, base: torch.Tensor, device):
         """Per-key float32 copies of the factors."""
@@ -216,7 +225,15 @@ class LokrFactors:
         return int(o1 * o2), int(i1 * n2)
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
-        """Raise FuseError naming ``key`` unless ``kron(w1, w2)`` fits ``shape``."""
+        """Raise FuseError naming ``key`` unless both Kronecker factors are present and ``kron(w1, w2)`` fits
+        ``shape``."""
+        for j, full, a, b in (("1", self.w1, self.w1_a, self.w1_b), ("2", self.w2, self.w2_a, self.w2_b)):
+            if full is None and (a is None or b is None):
+                raise FuseError(f"{key}: LoKr {self.token} has neither lokr_w{j} nor both lokr_w{j}_a and "
+                                f"lokr_w{j}_b; the file is incomplete (re-export it)")
+        if self.t2 is not None and self.t2.ndim != 4:
+            raise FuseError(f"{key}: LoKr {self.token} has a Tucker core lokr_t2 of shape {tuple(self.t2.shape)}, "
+                            "not [r, r, kh, kw]")
         _check(self, key, shape, f"kron(w1, w2) of shape {self.rows_cols}")
 
     def context(self, base: torch.Tensor, device):

@@ -96,3 +96,9 @@ def test_shape_errors_name_the_key():
     bad = DoraFactors(FACTORS["loha"], torch.ones(1, 5), "bad-dora")
     with pytest.raises(FuseError, match=r"k\.weight: DoRA bad-dora has dora_scale \(1, 5\)"):
         fused_weight("k.weight", base, [(1.0, bad)], torch.float32)
+    loha = FACTORS["loha-tucker"]
+    with pytest.raises(FuseError, match=r"k\.weight: LoHa loha-t has hada factors \(2, 24\) / \(2, 6\) / core"):
+        fused_weight("k.weight", torch.zeros(OUT, IN, 1, 1), [(1.0, loha)], torch.float32)
+    half = LokrFactors(None, None, None, FACTORS["lokr-full"].w2, None, None, None, 1.0, "only-w2")
+    with pytest.raises(FuseError, match=r"k\.weight: LoKr only-w2 has neither lokr_w1 nor both"):
+        fused_weight("k.weight", base, [(1.0, half)], torch.float32)
