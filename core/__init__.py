@@ -1,6 +1,6 @@
 """comfyui-batch-lora core: pure torch + safetensors + numpy; never imports ComfyUI.
 
-- ``fuse``:   LoRA factors and the fused fp32 merge of a whole stack per weight key.
+- ``fuse``:   LoRA/LoHa/LoKr/diff/DoRA factors and the fused fp32 merge of a whole stack per weight key.
 - ``cache``:  the exact base-weight cache restores copy from.
 - ``engine``: in-place, all-or-nothing apply/reset of a stack on a module.
 - ``files``:  reading LoRA safetensors files, validated, through a byte-bounded parsed-file cache.
@@ -10,7 +10,9 @@ from .backends import Target, UnsupportedTarget, frozen_reason, resolve, wrapper
 from .cache import BaseCache, CacheBudgetError
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError
-from .fuse import FuseError, LoraFactors, Term, fuse_into, fused_weight
+from .fuse import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LohaFactors, LokrFactors, Term,
+                   fuse_into, fused_weight)
 
 __all__ = ["Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
-           "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "Term", "fuse_into", "fused_weight"]
+           "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors",
+           "DoraFactors", "Factors", "Term", "fuse_into", "fused_weight"]

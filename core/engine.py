@@ -98,12 +98,12 @@ class InPlacePatcher:
               progress: Callable[[int, int], None] | None = None) -> ApplyReport:
         """Make the module's weights equal ``base + stack`` on the touched keys, all or nothing.
 
-        Keys in ``stack`` get ``round(base_fp32 + sum s_i*scale_i*up_i@down_i)`` (see ``core.fuse``); keys that
+        Keys in ``stack`` get ``round(base_fp32 + sum s_i*delta_i)`` (see ``core.fuse``); keys that
         were applied before but are not in ``stack`` (or have no terms) are restored from the base cache; keys
         whose terms did not change are not touched (no merge, no write).
 
         Args:
-            stack: weight key -> terms ``(strength, LoraFactors)``; factors are float32 ``[out, r]``/``[r, in]``.
+            stack: weight key -> terms ``(strength, factors)`` (``core.fuse`` factor sets).
             should_stop: polled before each key; True aborts with ``ApplyInterrupted``.
             progress: ``progress(done, total)`` after each key written.
         Returns:

@@ -1,28 +1,55 @@
-"""Fused LoRA math: one fp32 pass per weight key, rounded once to the weight's dtype.
+"""Fused merge math: one fp32 pass per weight key, rounded once to the weight's dtype.
 
-For a weight key with base weight ``W0`` (shape ``[out, *in_dims]``) and a stack of LoRA terms
-``(s_i, up_i, down_i, alpha_i)`` this module computes
+For a weight key with base weight ``W0`` (shape ``[out, *in_dims]``) and a stack of terms ``(s_i, factors_i)``
+this module computes
 
-    W = round_to_dtype(W0_fp32 + sum_i s_i * (alpha_i / rank_i) * up_i @ down_i)
+    W = round_to_dtype(W0_fp32 + sum_i s_i * delta_i)
 
-with every term of the key batched into ONE matmul by concatenating ranks:
-``U = [s_1*a_1/r_1*up_1 | ... | s_n*a_n/r_n*up_n]`` (``[out, sum r_i]``), ``D = [down_1; ...; down_n]``
-(``[sum r_i, prod(in_dims)]``), ``W = addmm(W0, U, D)``. The scale ``alpha/rank`` is the kohya/sd-scripts rule
-(networks/lora.py: ``self.scale = alpha / self.lora_dim``), also PEFT's ``scaling = lora_alpha / r``; a file
-without alpha uses scale 1.0 (ComfyUI comfy/weight_adapter/lora.py behaves the same).
+where ``delta_i`` is what one LoRA file contributes at strength 1 (every format below is linear in ``s``):
+
+- ``LoraFactors`` (LoRA/LoCon, kohya, diffusers, PEFT): ``delta = alpha/rank * up @ down``. All plain LoRA terms of
+  a key are batched into ONE matmul by concatenating ranks: ``U = [s_1*a_1/r_1*up_1 | ... ]`` (``[out, sum r_i]``),
+  ``D = [down_1; ...]`` (``[sum r_i, prod(in_dims)]``), ``W = addmm(W0, U, D)``. The scale ``alpha/rank`` is the
+  kohya/sd-scripts rule (networks/lora.py: ``self.scale = alpha / self.lora_dim``), also PEFT's
+  ``scaling = lora_alpha / r``; a file without alpha uses scale 1.0 (as ComfyUI comfy/weight_adapter/lora.py).
+- ``LohaFactors`` (LyCORIS LoHa), ``LokrFactors`` (LyCORIS LoKr), ``DiffFactors`` (full/diff weight patches) and
+  ``DoraFactors`` (DoRA magnitude normalisation around any of the others): dense deltas, computed per row block
+  and added to the block after the batched LoRA matmul.
+
+Every factor class has ``token`` (identity of the source), ``check(key, shape)`` and ``delta_rows``; the merge
+runs in row blocks (``fuse_into``) so only the base and the weight cross main memory.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 
-__all__ = ["LoraFactors", "Term", "fused_weight", "fuse_into", "FuseError"]
+__all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "Factors", "Term",
+           "fused_weight", "fuse_into", "FuseError"]
 
 
 class FuseError(ValueError):
     """A stack cannot be fused into a weight: shape mismatch or a non-finite result. Names the weight key."""
+
+
+def _f32(t: torch.Tensor, device) -> torch.Tensor:
+    return t.detach().to(device, torch.float32)
+
+
+def _inner(shape) -> int:
+    n = 1
+    for dim in shape[1:]:
+        n *= dim
+    return n
+
+
+def _check(factors, key: str, shape: tuple[int, ...], what: str) -> None:
+    """Raise FuseError (naming ``key``, the factors and the weight shape) unless ``factors.rows_cols`` fits."""
+    if len(shape) < 1 or factors.rows_cols != (shape[0], _inner(shape)):
+        raise FuseError(f"{key}: {type(factors).__name__} {factors.token} has {what}, which does not fit the model "
+                        f"weight {tuple(shape)}; the LoRA was made for another model")
 
 
 @dataclass(frozen=True, eq=False)
@@ -48,6 +75,11 @@ class LoraFactors:
     def rank(self) -> int:
         """The rank ``r`` (number of columns of ``up``)."""
         return int(self.up.shape[1])
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """``(out, prod(in_dims))`` of the delta."""
+        return int(self.up.shape[0]), int(self.down.shape[1])
 
     @classmethod
     def from_tensors(cls, up: torch.Tensor, down: torch.Tensor, alpha: float | None, token: str,
@@ -77,27 +109,254 @@ class LoraFactors:
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError (naming ``key``, the factor and weight shapes) unless ``up @ down`` fits ``shape``."""
-        inner = 1
-        for dim in shape[1:]:
-            inner *= dim
-        if len(shape) < 2 or self.up.shape[0] != shape[0] or self.down.shape[1] != inner:
-            raise FuseError(
-                f"{key}: LoRA {self.token} has up {tuple(self.up.shape)} / down {tuple(self.down.shape)}, which "
-                f"does not fit the model weight {tuple(shape)}; the LoRA was made for another model")
+        if len(shape) < 2:
+            raise FuseError(f"{key}: LoRA {self.token} patches a weight of shape {tuple(shape)}, not a matrix")
+        _check(self, key, shape, f"up {tuple(self.up.shape)} / down {tuple(self.down.shape)}")
+
+    def context(self, base: torch.Tensor, device):
+        """Per-key float32 operands ``(scale * up, down)`` (used when wrapped by ``DoraFactors``; standalone LoRA
+        terms are batched by the merge itself). ``base`` is unused."""
+        return _f32(self.up, device) * self.scale, _f32(self.down, device)
+
+    def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``alpha/r * up @ down``, float32 ``[r1-r0, prod(in_dims)]``."""
+        up, down = ctx
+        return up[r0:r1] @ down
 
 
-Term = tuple[float, LoraFactors]
+@dataclass(frozen=True, eq=False)
+class LohaFactors:
+    """LyCORIS LoHa (Hadamard product of two low-rank matrices) for one weight key.
+
+    ``delta = alpha/r * (w1_a @ w1_b) * (w2_a @ w2_b)`` (elementwise product), reshaped to the weight; with the
+    Tucker cores ``t1``/``t2`` (conv) each factor is ``einsum("ijyx,jc,ip->pcyx", t, w_b, w_a)``. Source:
+    LyCORIS lycoris/modules/loha.py (``diff_weight``/``make_weight_cp``), as read by ComfyUI
+    comfy/weight_adapter/loha.py.
+
+    Attributes:
+        w1_a, w2_a: ``[out, r]``, or ``[r, out]`` with Tucker; w1_b, w2_b: ``[r, prod(in_dims)]``, or ``[r, in]``
+            with Tucker; t1, t2: ``[r, r, kh, kw]`` Tucker cores or None. Views of the file's tensors.
+        scale: ``alpha / r`` with ``r = w1_b.shape[0]``, 1.0 without alpha. token: as ``LoraFactors.token``.
+    """
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: torch.Tensor | None
+    t2: torch.Tensor | None
+    scale: float
+    token: str
+
+    @staticmethod
+    def _hada_shape(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None) -> tuple[int, int]:
+        if t is None:
+            return int(a.shape[0]), int(b.shape[1])
+        if t.ndim != 4:
+            return -1, -1  # a Tucker core is [r, r, kh, kw]; anything else fits no weight
+        return int(a.shape[1]), int(b.shape[1] * t.shape[2] * t.shape[3])
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """``(out, prod(in_dims))`` of the first Hadamard factor (``check`` requires both to agree)."""
+        return self._hada_shape(self.w1_a, self.w1_b, self.t1)
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise FuseError naming ``key`` unless both Hadamard factors fit ``shape``."""
+        for a, b, t in ((self.w1_a, self.w1_b, self.t1), (self.w2_a, self.w2_b, self.t2)):
+            if self._hada_shape(a, b, t) != (shape[0], _inner(shape)):
+                raise FuseError(f"{key}: LoHa {self.token} has hada factors {tuple(a.shape)} / {tuple(b.shape)}"
+                                f"{'' if t is None else f' / core {tuple(t.shape)}'}, which do not fit the model "
+                                f"weight {tuple(shape)}; the LoRA was made for another model")
+
+    def context(self, base: torch.Tensor, device):
+        """Per-key float32 copies of the factors."""
+        return [None if t is None else _f32(t, device)
+                for t in (self.w1_a, self.w1_b, self.w2_a, self.w2_b, self.t1, self.t2)]
+
+    def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the delta, float32 ``[r1-r0, prod(in_dims)]``."""
+        w1a, w1b, w2a, w2b, t1, t2 = ctx
+        if t1 is None:
+            m1, m2 = w1a[r0:r1] @ w1b, w2a[r0:r1] @ w2b
+        else:
+            m1 = torch.einsum("ijyx,jc,ip->pcyx", t1, w1b, w1a[:, r0:r1]).flatten(1)
+            m2 = torch.einsum("ijyx,jc,ip->pcyx", t2, w2b, w2a[:, r0:r1]).flatten(1)
+        return m1.mul_(m2).mul_(self.scale)
+
+
+@dataclass(frozen=True, eq=False)
+class LokrFactors:
+    """LyCORIS LoKr (Kronecker product) for one weight key.
+
+    ``delta = scale * kron(w1, w2)`` reshaped to the weight, ``w1 = lokr_w1`` or ``lokr_w1_a @ lokr_w1_b``
+    (``[o1, i1]``), ``w2 = lokr_w2`` or ``lokr_w2_a @ lokr_w2_b`` or, with the Tucker core ``lokr_t2``,
+    ``einsum("ijyx,jc,ip->pcyx", t2, w2_b, w2_a)`` (``[o2, i2(, kh, kw)]``). Flattened, element
+    ``[a*o2 + b, c*n2 + e] = w1[a, c] * w2[b, e]`` with ``n2 = prod(w2.shape[1:])``. Source: LyCORIS
+    lycoris/modules/lokr.py (``make_kron``), as read by ComfyUI comfy/weight_adapter/lokr.py.
+
+    Attributes:
+        w1, w1_a, w1_b, w2, w2_a, w2_b, t2: the file's tensors (views) or None, as present.
+        scale: ``alpha / r`` where ``r`` is the rank of a decomposed factor (``w2_b`` wins over ``w1_b``, as in
+            ComfyUI); 1.0 without alpha or when both factors are full matrices (LyCORIS then ignores alpha).
+        token: as ``LoraFactors.token``.
+    """
+
+    w1: torch.Tensor | None
+    w1_a: torch.Tensor | None
+    w1_b: torch.Tensor | None
+    w2: torch.Tensor | None
+    w2_a: torch.Tensor | None
+    w2_b: torch.Tensor | None
+    t2: torch.Tensor | None
+    scale: float
+    token: str
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """``(o1*o2, i1*n2)`` of the delta."""
+        o1, i1 = self.w1.shape if self.w1 is not None else (self.w1_a.shape[0], self.w1_b.shape[1])
+        if self.w2 is not None:
+            o2, n2 = self.w2.shape[0], _inner(self.w2.shape)
+        elif self.t2 is None:
+            o2, n2 = self.w2_a.shape[0], self.w2_b.shape[1]
+        else:
+            o2, n2 = self.w2_a.shape[1], self.w2_b.shape[1] * self.t2.shape[2] * self.t2.shape[3]
+        return int(o1 * o2), int(i1 * n2)
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise FuseError naming ``key`` unless both Kronecker factors are present and ``kron(w1, w2)`` fits
+        ``shape``."""
+        for j, full, a, b in (("1", self.w1, self.w1_a, self.w1_b), ("2", self.w2, self.w2_a, self.w2_b)):
+            if full is None and (a is None or b is None):
+                raise FuseError(f"{key}: LoKr {self.token} has neither lokr_w{j} nor both lokr_w{j}_a and "
+                                f"lokr_w{j}_b; the file is incomplete (re-export it)")
+        if self.t2 is not None and self.t2.ndim != 4:
+            raise FuseError(f"{key}: LoKr {self.token} has a Tucker core lokr_t2 of shape {tuple(self.t2.shape)}, "
+                            "not [r, r, kh, kw]")
+        _check(self, key, shape, f"kron(w1, w2) of shape {self.rows_cols}")
+
+    def context(self, base: torch.Tensor, device):
+        """Per-key float32 ``(w1 [o1, i1], w2 [o2, n2])``."""
+        w1 = _f32(self.w1, device) if self.w1 is not None else _f32(self.w1_a, device) @ _f32(self.w1_b, device)
+        if self.w2 is not None:
+            w2 = _f32(self.w2, device).flatten(1)
+        elif self.t2 is None:
+            w2 = _f32(self.w2_a, device) @ _f32(self.w2_b, device)
+        else:
+            w2 = torch.einsum("ijyx,jc,ip->pcyx", _f32(self.t2, device), _f32(self.w2_b, device),
+                              _f32(self.w2_a, device)).flatten(1)
+        return w1.flatten(1), w2
+
+    def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the delta, float32 ``[r1-r0, i1*n2]``."""
+        w1, w2 = ctx
+        rows = torch.arange(r0, r1, device=w1.device)
+        o2 = w2.shape[0]
+        return (w1[rows // o2][:, :, None] * w2[rows % o2][:, None, :]).flatten(1).mul_(self.scale)
+
+
+@dataclass(frozen=True, eq=False)
+class DiffFactors:
+    """A full weight difference for one key (ComfyUI's "diff" patch: ``.diff``, ``.diff_b``, ``.w_norm``,
+    ``.b_norm``; comfy/lora.py ``load_lora``): ``delta = diff``, same shape as the weight (any rank, biases
+    included). ``diff`` is a view of the file's tensor; token as ``LoraFactors.token``."""
+
+    diff: torch.Tensor
+    token: str
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """``(shape[0], prod(shape[1:]))`` of the diff."""
+        return int(self.diff.shape[0]), _inner(self.diff.shape)
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise FuseError naming ``key`` unless the diff has exactly the weight's shape."""
+        if tuple(self.diff.shape) != tuple(shape):
+            raise FuseError(f"{key}: diff {self.token} has shape {tuple(self.diff.shape)}, which does not fit the "
+                            f"model weight {tuple(shape)}; the LoRA was made for another model")
+
+    def context(self, base: torch.Tensor, device):
+        """The diff, flattened to ``[out, inner]`` (upcast per block)."""
+        return self.diff.detach().reshape(self.diff.shape[0], -1)
+
+    def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of the diff, float32."""
+        return _f32(ctx[r0:r1], base_rows.device)
+
+
+EPS = torch.finfo(torch.float32).eps
+"""Added to DoRA's norms (as LyCORIS and ComfyUI comfy/weight_adapter/base.py ``weight_decompose`` do)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DoraFactors:
+    """DoRA (weight-decomposed low-rank adaptation, Liu et al. 2024) around another factor set, for one key.
+
+    With ``V = W0 + inner_delta`` (``inner``: LoRA/LoHa/LoKr factors at strength 1), the DoRA weight is
+    ``W' = V * m / (||V|| + EPS)`` where ``m`` is the file's ``dora_scale`` and ``||V||`` is the L2 norm of ``V`` on
+    the axis ``m`` spans: per output row when ``m.shape[0] == out`` (PEFT layout ``[out, 1]``), otherwise per input
+    channel over (out, kh, kw) (LyCORIS layout ``[1, in(, 1, 1)]``), as LyCORIS ``apply_weight_decompose``. This
+    term's delta at strength ``s`` is ``s * (W' - W0)``, ``W0`` the exact fp32 base, as ComfyUI's
+    ``weight_decompose`` applies strength (comfy/weight_adapter/base.py). Note: ComfyUI 0.3.75 divides the
+    per-output-row layout by ``||W0||`` instead of ``||V||``; this pack follows the DoRA definition there.
+
+    Attributes:
+        inner: the low-rank factors (their ``check``/``delta_rows`` give ``inner_delta``).
+        magnitude: ``dora_scale`` (view of the file's tensor), ``out`` or ``in`` elements.
+        token: as ``LoraFactors.token``.
+    """
+
+    inner: Union[LoraFactors, LohaFactors, LokrFactors]
+    magnitude: torch.Tensor
+    token: str
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """Those of ``inner``."""
+        return self.inner.rows_cols
+
+    def _on_rows(self, shape) -> bool:
+        return self.magnitude.shape[0] == shape[0] and self.magnitude.numel() == shape[0]
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise FuseError naming ``key`` unless ``inner`` and the magnitude vector fit ``shape``."""
+        self.inner.check(key, shape)
+        if len(shape) < 2 or not (self._on_rows(shape) or self.magnitude.numel() == shape[1]):
+            raise FuseError(f"{key}: DoRA {self.token} has dora_scale {tuple(self.magnitude.shape)}, which fits "
+                            f"neither the rows nor the input channels of the model weight {tuple(shape)}")
+
+    def context(self, base: torch.Tensor, device):
+        """``(inner context, m / (||V|| + EPS) or None)``: for the input-channel layout the column norms of ``V``
+        are summed here in one pre-pass over row blocks (the only whole-matrix reduction of any format)."""
+        inner = self.inner.context(base, device)
+        if self._on_rows(base.shape):
+            return inner, None
+        out, cols = base.shape
+        sq = torch.zeros(cols, dtype=torch.float32, device=device)
+        step = max(1, BLOCK_ELEMENTS // cols)
+        for r0 in range(0, out, step):
+            v = _f32(base[r0:r0 + step], device) + self.inner.delta_rows(inner, None, r0, min(out, r0 + step))
+            sq += (v * v).sum(0)
+        channels = self.magnitude.numel()
+        norm = sq.view(channels, -1).sum(1).sqrt_().add_(EPS)
+        factor = (_f32(self.magnitude, device).flatten() / norm).repeat_interleave(cols // channels)
+        return inner, factor
+
+    def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+        """Rows ``r0:r1`` of ``W' - W0`` at strength 1, float32."""
+        inner, factor = ctx
+        v = base_rows + self.inner.delta_rows(inner, base_rows, r0, r1)
+        if factor is None:
+            factor = _f32(self.magnitude, v.device).flatten()[r0:r1, None] / (v.norm(dim=1, keepdim=True) + EPS)
+        return v.mul_(factor).sub_(base_rows)
+
+
+Factors = Union[LoraFactors, LohaFactors, LokrFactors, DiffFactors, DoraFactors]
+
+Term = tuple[float, Factors]
 """``(strength, factors)``: one LoRA's contribution to one weight key; strength is strength_model or
 strength_clip (dimensionless)."""
-
-
-def _factors32(key: str, shape, terms: Sequence[Term], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``U = [s_i*scale_i*up_i]`` (``[out, R]``) and ``D = [down_i]`` (``[R, in]``), float32 on ``device``."""
-    for _, f in terms:
-        f.check(key, tuple(shape))
-    ups = torch.cat([f.up.to(device, torch.float32) * (float(s) * f.scale) for s, f in terms], dim=1)
-    downs = torch.cat([f.down.to(device, torch.float32) for _, f in terms], dim=0)
-    return ups, downs
 
 
 def _non_finite(key: str) -> FuseError:
@@ -105,8 +364,38 @@ def _non_finite(key: str) -> FuseError:
                      "nothing was changed - check the LoRA file and the strengths")
 
 
+class _Merge:
+    """One key's merge, evaluated per row block: ``base + U @ D`` (all plain LoRA terms in one matmul), then each
+    dense term's ``s * delta_rows`` added, all in float32."""
+
+    def __init__(self, key: str, base: torch.Tensor, terms: Sequence[Term], device):
+        for _, f in terms:
+            f.check(key, tuple(base.shape))
+        self.base = base.reshape(base.shape[0], -1)
+        self.device = device
+        lora = [(s, f) for s, f in terms if type(f) is LoraFactors]
+        self.ud = None
+        if lora:
+            self.ud = (torch.cat([_f32(f.up, device) * (float(s) * f.scale) for s, f in lora], dim=1),
+                       torch.cat([_f32(f.down, device) for _, f in lora], dim=0))
+        self.dense = [(float(s), f, f.context(self.base, device)) for s, f in terms if type(f) is not LoraFactors]
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
+        """Write rows ``r0:r1`` of the fp32 merge into ``out`` (``[r1-r0, inner]`` float32) and return it."""
+        base = self.base[r0:r1]
+        if self.ud is not None:
+            torch.addmm(_f32(base, self.device), self.ud[0][r0:r1], self.ud[1], out=out)
+        else:
+            out.copy_(base)
+        if self.dense:
+            base32 = _f32(base, self.device)
+            for s, f, ctx in self.dense:
+                out.add_(f.delta_rows(ctx, base32, r0, r1), alpha=s)
+        return out
+
+
 def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> torch.Tensor:
-    """Compute ``round_to(dtype)(base + sum_i s_i * scale_i * up_i @ down_i)`` for one weight key, out of place.
+    """Compute ``round_to(dtype)(base + sum_i s_i * delta_i)`` for one weight key, out of place.
 
     Args:
         key:   the weight key (for error messages).
@@ -119,8 +408,10 @@ def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: tor
         FuseError: if a factor's shape does not match ``base`` or the result has NaN/Inf (in fp32 or after
             rounding, e.g. fp16 overflow).
     """
-    ups, downs = _factors32(key, base.shape, terms, base.device)
-    out = torch.addmm(base.reshape(base.shape[0], -1), ups, downs).reshape(base.shape).to(dtype)
+    merge = _Merge(key, base, terms, base.device)
+    rows = merge.base.shape[0]
+    out = merge.rows(0, rows, torch.empty(merge.base.shape, dtype=torch.float32, device=base.device))
+    out = out.reshape(base.shape).to(dtype)
     # One reduction instead of an elementwise isfinite: any NaN/Inf (also fp16 overflow in the rounding) makes
     # the fp32 sum non-finite, and a sum of finite weights cannot reach fp32's range.
     if not bool(torch.isfinite(out.sum(dtype=torch.float32))):
@@ -153,7 +444,7 @@ GEMM rate: for a 1280 x 11520 conv weight and R = 512 (8 LoRAs of rank 64) 22-ro
 
 
 def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
-    """Write ``round_to(param.dtype)(base + sum_i s_i * scale_i * up_i @ down_i)`` into ``param`` in place.
+    """Write ``round_to(param.dtype)(base + sum_i s_i * delta_i)`` into ``param`` in place.
 
     The same numbers as ``fused_weight``, computed in row blocks (``BLOCK_ELEMENTS``, ``BLOCK_MIN_ROWS``) so that
     mostly the base (read) and the weight (written) cross main memory; a non-contiguous weight (e.g.
@@ -172,16 +463,15 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
     if not data.is_contiguous():
         data.copy_(fused_weight(key, base.to(data.device, torch.float32), terms, data.dtype))
         return
-    ups, downs = _factors32(key, data.shape, terms, data.device)
+    merge = _Merge(key, base, terms, data.device)
     out_rows = data.shape[0]
-    flat, base_flat = data.view(out_rows, -1), base.reshape(out_rows, -1)
+    flat = data.view(out_rows, -1)
     step = max(BLOCK_MIN_ROWS, BLOCK_ELEMENTS // flat.shape[1])
     scratch = torch.empty(min(step, out_rows), flat.shape[1], dtype=torch.float32, device=data.device)
     limit = _square_limit(data.dtype)
     for r0 in range(0, out_rows, step):
         r1 = min(out_rows, r0 + step)
-        block, out = flat[r0:r1], scratch[: r1 - r0]
-        torch.addmm(base_flat[r0:r1].to(data.device, torch.float32), ups[r0:r1], downs, out=out)
+        block, out = flat[r0:r1], merge.rows(r0, r1, scratch[: r1 - r0])
         block.copy_(out)
         if not _surely_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

@@ -44,7 +44,7 @@ _NAMESPACE = uuid.UUID("5f0c2a9e-9a51-4c53-9a8e-3c0b7a1e0b1d")
 class StackSpec:
     """The stack a patcher carries.
 
-    plan: weight key -> terms ``(strength, LoraFactors)`` (factors float32 ``[out, r]``/``[r, in]``).
+    plan: weight key -> terms ``(strength, factors)`` (``core.fuse`` factor sets).
     signature: text identifying files (path, size, mtime), modules and strengths; equal text = equal weights.
     own_uuid: the ``patches_uuid`` this pack gave the patcher.
     clean_uuid: the ``patches_uuid`` of the same model without this pack's stack, None if unknown (stock

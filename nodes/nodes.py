@@ -102,7 +102,7 @@ class BatchLoraLoader:
         if not matches:
             log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
         for m in matches:
-            (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line())
+            (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line(limit=None))
         return (out_model, out_clip, report)
 
 

@@ -1,19 +1,24 @@
-"""From the node's inputs to a fused plan: entries -> files -> ComfyUI key maps -> ``LoraFactors`` per weight key.
+"""From the node's inputs to a fused plan: entries -> files -> ComfyUI key maps -> factors per weight key.
 
 Key mapping and file-format parsing are ComfyUI's own (``comfy.lora.model_lora_keys_unet/_clip`` and
-``comfy.lora.load_lora``), so every LoRA naming scheme the host maps (kohya/sd-scripts, diffusers, PEFT, ...) is
-accepted exactly as stock LoraLoader accepts it; this pack replaces only the merge and the lifecycle.
+``comfy.lora.load_lora`` with its adapters in ``comfy.weight_adapter``), so every LoRA naming scheme and format the
+host maps (kohya/sd-scripts, diffusers, PEFT, LyCORIS, ...; SD1.x, SDXL, SD3, Flux, ...) is read exactly as stock
+LoraLoader reads it. The pack adds one set of names ComfyUI 0.3.75 lacks (PEFT UNet attention, ``_unet_key_map``)
+and does its own merge (``core.fuse``) and lifecycle.
 """
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import folder_paths
 import comfy.lora
+import comfy.utils
 import comfy.weight_adapter
 
-from ..core import LoraFactors, LoraFileCache, LoraFileError
+from ..core import (DiffFactors, DoraFactors, Factors, LoraFactors, LoraFileCache, LoraFileError, LohaFactors,
+                    LokrFactors)
 from .lifecycle import engine_for
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
@@ -37,20 +42,29 @@ class LoraEntry:
 
 @dataclass
 class LoraMatch:
-    """What one LoRA file matched: modules mapped to the UNet / text encoder, and tensors left unmatched."""
+    """What one LoRA file matched: the architecture its keys were mapped for (the model's ComfyUI model_config
+    class, e.g. ``SD15``, ``SDXL``), weight keys mapped to the UNet / text encoder, keys per format (``lora``,
+    ``loha``, ``lokr``, ``diff``, ``dora``), and the file's tensors left unmatched (names)."""
 
     entry: LoraEntry
+    arch: str = "?"
     unet_keys: int = 0
     clip_keys: int = 0
+    kinds: Counter = field(default_factory=Counter)
     unmatched: list[str] = field(default_factory=list)
 
-    def line(self) -> str:
-        """One report line, e.g. ``style.safetensors  model 0.8 clip 1.0  unet 24 keys, clip 12 keys, 0 unmatched``."""
+    def line(self, limit: int | None = 20) -> str:
+        """One report line, e.g. ``style.safetensors  model 0.8 clip 1  unet 24 keys, clip 12 keys, 0 unmatched
+        (for SD15; lora 36)``, then ``: name, name, ...`` for unmatched tensors (at most ``limit`` of them named)."""
         e = self.entry
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
         text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
-                f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched")
+                f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched  (for {self.arch}"
+                f"{'; ' + kinds if kinds else ''})")
         if self.unmatched:
-            text += ": " + ", ".join(self.unmatched[:20]) + (" ..." if len(self.unmatched) > 20 else "")
+            shown = self.unmatched if limit is None else self.unmatched[:limit]
+            more = len(self.unmatched) - len(shown)
+            text += ": " + ", ".join(shown) + (f" ... ({more} more)" if more else "")
         return text
 
 
@@ -116,7 +130,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         entries: enabled entries from ``parse_entries``.
     Returns:
         ``(unet_plan, clip_plan, matches, unet_signature, clip_signature)``: plans map weight key -> list of
-        ``(strength, LoraFactors)``; a signature is a text naming the files (path, size, mtime) and that side's
+        ``(strength, factors)``; a signature is a text naming the files (path, size, mtime) and that side's
         strengths, in order, so a strength_model edit does not re-bake the text encoder and vice versa.
     Raises:
         LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
@@ -124,9 +138,10 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         UnsupportedTarget: a touched weight is quantized (int8), names the key.
         NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
     """
-    unet_map = comfy.lora.model_lora_keys_unet(model.model, {}) if model is not None else {}
+    unet_map = _unet_key_map(model.model) if model is not None else {}
     clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
     maps_id = (hash(frozenset(unet_map.items())), hash(frozenset(clip_map.items())))
+    arch = type((model.model.model_config if model is not None else clip.cond_stage_model)).__name__
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
     matches, unet_signature, clip_signature = [], [], []
@@ -135,12 +150,13 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         ident = FILES.identity(path)
         mapped, unmatched = FILES.derived(path, ("mapping", maps_id),
                                           lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map))
-        match = LoraMatch(entry, unmatched=unmatched)
+        match = LoraMatch(entry, arch=arch, unmatched=unmatched)
         for key, factors, in_unet in mapped:
             target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
             factors.check(key, tuple(engine_for(target.model, target.offload_device).target(key).param.shape))
             if strength != 0.0:
                 (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
+            match.kinds[_KINDS[type(factors)]] += 1
             if in_unet:
                 match.unet_keys += 1
             else:
@@ -151,8 +167,30 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     return unet_plan, clip_plan, matches, "|".join(unet_signature), "|".join(clip_signature)
 
 
+def _unet_key_map(model) -> dict:
+    """ComfyUI's LoRA key map for the diffusion model (``comfy.lora.model_lora_keys_unet``), plus the PEFT UNet
+    attention names ComfyUI 0.3.75 lacks.
+
+    For every diffusers UNet weight ``<path>.weight`` (``comfy.utils.unet_to_diffusers`` of the model's
+    unet_config) ComfyUI maps ``<path>`` and ``unet.<path>`` only after rewriting ``.to_`` to ``.processor.to_``
+    (and ``.processor.to_out.0`` to ``.processor.to_out``), the attention-processor names of old diffusers
+    ``save_attn_procs`` files. PEFT / diffusers ``save_lora_weights`` files name the attention projections
+    ``[unet.]<block>.attn{1,2}.to_{q,k,v}`` and ``.to_out.0`` instead; exactly those names (both prefixes, every
+    path containing ``.to_``) are added here, mapping to the same weight keys. Names ComfyUI already maps are left
+    as ComfyUI has them; every other naming scheme and architecture relies on ComfyUI's maps alone.
+
+    Args: model: a ComfyUI ``BaseModel`` (``ModelPatcher.model``). Returns: ``{LoRA module name: weight key}``.
+    """
+    key_map = comfy.lora.model_lora_keys_unet(model, {})
+    for path, ldm in comfy.utils.unet_to_diffusers(model.model_config.unet_config).items():
+        if path.endswith(".weight") and ".to_" in path:
+            for prefix in ("", "unet."):
+                key_map.setdefault(prefix + path[:-len(".weight")], f"diffusion_model.{ldm}")
+    return key_map
+
+
 def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: dict):
-    """ComfyUI's mapping of one file onto the model: ``([(weight key, LoraFactors, is_unet)], unmatched tensor
+    """ComfyUI's mapping of one file onto the model: ``([(weight key, factors, is_unet)], unmatched tensor
     names)``. Raises LoraFileError when nothing matches, NotImplementedError for adapters not fused here."""
     key_map = {**unet_map, **clip_map}
     patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
@@ -160,10 +198,20 @@ def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: 
         raise LoraFileError(f"LoRA {name!r}: none of its {len(tensors)} tensors match this model "
                             f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")
     unet_keys = set(unet_map.values())
-    mapped = [(key, _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"), key in unet_keys)
-              for key, adapter in patches.items()]
-    matched = {x for x, key in key_map.items() if key in patches}
+    mapped = [(key, _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"),
+               key in unet_keys or _weight_of(key) in unet_keys) for key, adapter in patches.items()]
+    matched = {x for x, key in key_map.items() if key in patches or _bias_of(key) in patches}
     return mapped, sorted(k for k in tensors if not _has_prefix(k, matched))
+
+
+def _weight_of(key):
+    """``x.weight`` for a bias key ``x.bias`` (ComfyUI's ``diff_b``/``b_norm`` patches), else None."""
+    return key[:-len(".bias")] + ".weight" if isinstance(key, str) and key.endswith(".bias") else None
+
+
+def _bias_of(key):
+    """``x.bias`` for a weight key ``x.weight``, else None."""
+    return key[:-len(".weight")] + ".bias" if isinstance(key, str) and key.endswith(".weight") else None
 
 
 def _has_prefix(tensor_key: str, prefixes: set) -> bool:
@@ -171,14 +219,41 @@ def _has_prefix(tensor_key: str, prefixes: set) -> bool:
     return any(".".join(parts[:i]) in prefixes for i in range(1, len(parts)))
 
 
-def _factors(name: str, key, adapter, token: str) -> LoraFactors:
+_KINDS = {LoraFactors: "lora", LohaFactors: "loha", LokrFactors: "lokr", DiffFactors: "diff", DoraFactors: "dora"}
+
+
+def _factors(name: str, key, adapter, token: str) -> Factors:
+    """This pack's factors for one of ComfyUI's patches (``comfy.lora.load_lora`` output).
+
+    LoRA/LoCon (``LoRAAdapter``), LyCORIS LoHa (``LoHaAdapter``) and LoKr (``LoKrAdapter``), each with an optional
+    DoRA ``dora_scale``, and ``("diff", (tensor,))`` patches; the tensors stay views of the file's. Alpha scales
+    follow ComfyUI's adapters (comfy/weight_adapter/lora.py, loha.py, lokr.py).
+
+    Raises:
+        NotImplementedError: a ``(key, offset)`` patch of part of a fused weight, ``set`` patches, LoRA
+            ``reshape_weight``, OFT/BOFT/GLoRA (names the file and key; the stock LoraLoader handles them).
+    """
     if not isinstance(key, str):
         raise NotImplementedError(f"LoRA {name!r}: key {key!r} patches part of a fused weight, which this pack "
                                   "does not fuse yet; use the stock LoraLoader for this file")
-    if not isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
-        raise NotImplementedError(f"LoRA {name!r}: {key} is a {type(adapter).__name__} (LyCORIS) patch, which "
-                                  "this pack does not fuse yet; use the stock LoraLoader for this file")
-    up, down, alpha, mid, dora_scale, reshape = adapter.weights
-    if dora_scale is not None or reshape is not None:
-        raise NotImplementedError(f"LoRA {name!r}: {key} uses DoRA/reshape, which this pack does not fuse yet")
-    return LoraFactors.from_tensors(up, down, alpha, token, mid=mid)
+    if isinstance(adapter, tuple) and adapter[0] == "diff":
+        return DiffFactors(adapter[1][0].detach(), token)
+    if isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
+        up, down, alpha, mid, dora_scale, reshape = adapter.weights
+        if reshape is not None:
+            raise NotImplementedError(f"LoRA {name!r}: {key} uses reshape_weight, which this pack does not fuse "
+                                      "yet; use the stock LoraLoader for this file")
+        inner = LoraFactors.from_tensors(up, down, alpha, token, mid=mid)
+    elif isinstance(adapter, comfy.weight_adapter.LoHaAdapter):
+        w1a, w1b, alpha, w2a, w2b, t1, t2, dora_scale = adapter.weights
+        inner = LohaFactors(w1a, w1b, w2a, w2b, t1, t2, 1.0 if alpha is None else alpha / w1b.shape[0], token)
+    elif isinstance(adapter, comfy.weight_adapter.LoKrAdapter):
+        w1, w2, alpha, w1a, w1b, w2a, w2b, t2, dora_scale = adapter.weights
+        rank = w2b.shape[0] if w2 is None else (w1b.shape[0] if w1 is None else None)
+        scale = 1.0 if alpha is None or rank is None else alpha / rank
+        inner = LokrFactors(w1, w1a, w1b, w2, w2a, w2b, t2, scale, token)
+    else:
+        kind = adapter[0] if isinstance(adapter, tuple) else type(adapter).__name__
+        raise NotImplementedError(f"LoRA {name!r}: {key} is a {kind} patch, which this pack does not fuse yet; "
+                                  "use the stock LoraLoader for this file")
+    return inner if dora_scale is None else DoraFactors(inner, dora_scale.detach(), token)

@@ -16,6 +16,9 @@ Checkpoint (`CHECKPOINT_NAME`, original LDM key layout):
 
 LoRAs (`LORA_NAMES`): two kohya/sd-scripts files and one diffusers/PEFT file, each touching UNet and text
 encoder, covering linear layers, 1x1 convs and 3x3 convs; see `lora_manifest()`.
+Format files (`FORMAT_NAMES`): PEFT UNet attention names (which stock ComfyUI 0.3.75 leaves unmapped), LyCORIS
+LoHa (with and without Tucker) and LoKr (full, decomposed and Tucker factors), full/diff weight patches (incl.
+biases and norm layers) and DoRA; see `format_manifest()` and `format_state_dict()`.
 
 Every tensor is drawn from its own generator seeded by (seed, file, tensor name), so files are bit-identical on
 every run with the same torch version. safetensors metadata has a single key (more keys are written in random
@@ -215,21 +218,34 @@ def _init_tensor(shape, init, *seed_parts) -> torch.Tensor:
     raise ValueError(kind)
 
 
+def _stored(prefix: str, shape, init, key: str, seed: int) -> torch.Tensor:
+    t = _init_tensor(shape, init, "ckpt", seed, key)
+    if prefix == CLIP_PREFIX:
+        t = t.to(torch.float8_e4m3fn if t.ndim == 2 else torch.float16)
+    elif t.ndim == 0:
+        t = t.to(torch.float32)  # vae_scale / vae_shift scalars
+    else:
+        t = t.to(torch.float16)
+    return t.contiguous()
+
+
+def _prefixed_specs():
+    return ((UNET_PREFIX, _unet_spec()), (CLIP_PREFIX, _clip_spec()), (VAE_PREFIX, _vae_spec()))
+
+
 def checkpoint_state_dict(seed: int = 0) -> dict:
     """Build the tiny SD1.5 checkpoint tensors in memory: {key: tensor} (UNet/TAESD fp16, CLIP fp8/fp16)."""
-    sd = {}
-    for prefix, spec in ((UNET_PREFIX, _unet_spec()), (CLIP_PREFIX, _clip_spec()), (VAE_PREFIX, _vae_spec())):
-        for k, (shape, init) in spec.items():
-            key = prefix + k
-            t = _init_tensor(shape, init, "ckpt", seed, key)
-            if prefix == CLIP_PREFIX:
-                t = t.to(torch.float8_e4m3fn if t.ndim == 2 else torch.float16)
-            elif t.ndim == 0:
-                t = t.to(torch.float32)  # vae_scale / vae_shift scalars
-            else:
-                t = t.to(torch.float16)
-            sd[key] = t.contiguous()
-    return sd
+    return {prefix + k: _stored(prefix, shape, init, prefix + k, seed)
+            for prefix, spec in _prefixed_specs() for k, (shape, init) in spec.items()}
+
+
+def checkpoint_tensor(key: str, seed: int = 0) -> torch.Tensor:
+    """One tensor of ``checkpoint_state_dict(seed)`` (same values and dtype), built alone."""
+    for prefix, spec in _prefixed_specs():
+        if key.startswith(prefix) and key[len(prefix):] in spec:
+            shape, init = spec[key[len(prefix):]]
+            return _stored(prefix, shape, init, key, seed)
+    raise KeyError(key)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -424,6 +440,163 @@ def lora_state_dict(name: str, seed: int = 0) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# format fixtures: PEFT UNet attention names, LyCORIS LoHa / LoKr, diff patches, DoRA (FORMAT_NAMES)
+
+LORA_PEFT_ATTN = "peft_unet_attn.safetensors"
+LORA_LOHA = "loha.safetensors"
+LORA_LOKR = "lokr.safetensors"
+LORA_DIFF = "diff.safetensors"
+LORA_DORA = "dora.safetensors"
+FORMAT_NAMES = (LORA_PEFT_ATTN, LORA_LOHA, LORA_LOKR, LORA_DIFF, LORA_DORA)
+FORMAT_RANK = 4
+FORMAT_ALPHA = 2.0
+
+# file -> (dtype, [(module naming, target, kind, options)]); target: a diffusers UNet path or ("te", layer, sub);
+# naming: "kohya" (lora_unet_<diffusers path>), "ldm" (lora_unet_<LDM path>), "peft" (unet.<diffusers path>),
+# "peft-bare" (<diffusers path>); kinds and their options are described in ``format_state_dict``.
+_TB0 = _TB + "."
+FORMAT_SPECS = {
+    LORA_PEFT_ATTN: (torch.float32, [("peft", _TB0 + "attn1." + p, "lora", {}) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+                     + [("peft-bare", _TB0 + "attn2." + p, "lora", {}) for p in ("to_q", "to_k", "to_v", "to_out.0")]
+                     + [("peft", _TB0 + "ff.net.2", "lora", {})]),
+    LORA_LOHA: (torch.float16, [
+        ("kohya", _TB0 + "attn1.to_q", "loha", {}),
+        ("kohya", _TB0 + "attn2.to_k", "loha", {}),
+        ("kohya", _ATTN + ".proj_in", "loha", {}),
+        ("kohya", "down_blocks.0.resnets.0.conv1", "loha", {}),
+        ("kohya", "down_blocks.0.resnets.0.conv2", "loha", {"tucker": True}),
+        ("kohya", ("te", 0, "self_attn.q_proj"), "loha", {})]),
+    LORA_LOKR: (torch.float32, [
+        ("kohya", _TB0 + "attn1.to_q", "lokr", {"w1": (4, 4)}),                       # w1, w2 full
+        ("kohya", _TB0 + "attn2.to_k", "lokr", {"w1": (4, 8), "w2": "ab"}),          # w2 = w2_a @ w2_b
+        ("kohya", _ATTN + ".proj_in", "lokr", {"w1": (4, 4), "w1_ab": 2}),           # w1 = w1_a @ w1_b, w2 conv
+        ("kohya", "down_blocks.0.resnets.0.conv1", "lokr", {"w1": (4, 4)}),           # conv w2 full
+        ("kohya", "down_blocks.0.resnets.0.conv2", "lokr", {"w1": (4, 4), "w2": "tucker"}),
+        ("kohya", ("te", 0, "mlp.fc1"), "lokr", {"w1": (8, 4), "w2": "ab"})]),
+    LORA_DIFF: (torch.float16, [
+        ("ldm", _TB0 + "attn1.to_v", "diff", {}),
+        ("ldm", _ATTN + ".proj_out", "diff", {"bias": True}),
+        ("ldm", _TB0 + "norm1", "norm", {}),
+        ("kohya", ("te", 1, "self_attn.out_proj"), "diff", {"bias": True})]),
+    LORA_DORA: (torch.float16, [
+        ("kohya", _TB0 + "attn1.to_q", "lora", {"dora": "in"}),
+        ("kohya", _TB0 + "attn2.to_k", "lora", {"dora": "in"}),
+        ("kohya", "down_blocks.0.resnets.0.conv1", "lora", {"dora": "in"}),
+        ("kohya", _TB0 + "attn1.to_k", "loha", {"dora": "in"}),
+        ("kohya", ("te", 2, "self_attn.k_proj"), "lora", {"dora": "in"}),
+        ("kohya", _TB0 + "attn2.to_v", "lora", {"dora": "out"})]),
+}
+"""The generated format files. Every module has rank ``FORMAT_RANK`` and alpha ``FORMAT_ALPHA`` where the format
+has one; tensors are drawn like the LoRA files above, so deltas are about a quarter of the base weights."""
+
+
+def _format_module(naming: str, target, is_norm: bool = False) -> LoraModule:
+    shapes = checkpoint_spec()
+    if isinstance(target, tuple):
+        _, i, sub = target
+        path = "text_model.encoder.layers.{}.{}.weight".format(i, sub)
+        ck = CLIP_PREFIX + path
+        name = "lora_te_text_model_encoder_layers_{}_{}".format(i, sub.replace(".", "_"))
+        return LoraModule(name, "clip_l.transformer." + path, ck, _kind(shapes[ck]) if not is_norm else "norm",
+                          shapes[ck])
+    ldm = _ldm_path(target)
+    ck = UNET_PREFIX + ldm + ".weight"
+    name = {"kohya": "lora_unet_" + target.replace(".", "_"), "ldm": "lora_unet_" + ldm.replace(".", "_"),
+            "peft": "unet." + target, "peft-bare": target}[naming]
+    kind = "norm" if is_norm else _kind(shapes[ck])
+    return LoraModule(name, "diffusion_model." + ldm + ".weight", ck, kind, shapes[ck])
+
+
+def format_manifest() -> dict:
+    """Return {format file name: {LoRA module name: LoraModule}} for every file of FORMAT_NAMES."""
+    return {name: {m.lora_name: m for m in (_format_module(n, t, k == "norm") for n, t, k, _ in mods)}
+            for name, (_dtype, mods) in FORMAT_SPECS.items()}
+
+
+def format_state_dict(name: str, seed: int = 0) -> dict:
+    """Build the tensors of format file ``name`` (one of FORMAT_NAMES) in memory: {key: tensor}.
+
+    Per module (``W`` = the patched weight ``[out, in(, k, k)]``, ``r = FORMAT_RANK``):
+      * "lora": PEFT ``lora_A`` ``[r, in(,k,k)]`` / ``lora_B`` ``[out, r(,1,1)]`` or kohya ``lora_down``/``lora_up``;
+      * "loha": ``hada_w1_a``/``hada_w2_a`` ``[out, r]``, ``hada_w1_b``/``hada_w2_b`` ``[r, in*k*k]``; with
+        ``tucker``: ``hada_t1``/``hada_t2`` ``[r, r, k, k]``, ``hada_w?_a`` ``[r, out]``, ``hada_w?_b`` ``[r, in]``
+        (LyCORIS loha.py layouts);
+      * "lokr": ``lokr_w1`` ``[o1, i1]`` (``w1``) or ``lokr_w1_a [o1, 2]``/``lokr_w1_b [2, i1]`` (``w1_ab``), and
+        ``lokr_w2`` ``[out/o1, in/i1(, k, k)]``, or ``lokr_w2_a [out/o1, r]``/``lokr_w2_b [r, in/i1*k*k]`` ("ab"),
+        or Tucker ``lokr_t2 [r, r, k, k]``, ``lokr_w2_a [r, out/o1]``, ``lokr_w2_b [r, in/i1]`` (LyCORIS lokr.py);
+      * "diff": ``.diff`` of ``W``'s shape (and ``.diff_b`` for the bias with ``bias``); "norm": ``.w_norm`` and
+        ``.b_norm`` of a norm layer;
+      * ``dora``: "in" adds ``.dora_scale`` ``[1, in(, 1, 1)]`` (LyCORIS layout), "out" ``[out, 1(, 1, 1)]``:
+        the base weight's column / row norms times ``1 + N(0, 0.05^2)``.
+    A ``.alpha`` scalar (FORMAT_ALPHA) is written for every module except diff/norm ones.
+    """
+    dtype, mods = FORMAT_SPECS[name]
+    r = FORMAT_RANK
+    scale = FORMAT_ALPHA / r
+    sd = {}
+    for (naming, target, kind, opt), m in zip(mods, format_manifest()[name].values()):
+        def rnd(suffix, shape, std):
+            t = _randn(shape, "format", seed, name, m.lora_name, suffix) * std
+            sd[m.lora_name + "." + suffix] = t.to(dtype).contiguous()
+            return t
+        shape = m.shape
+        out_dim, in_dim, ks = shape[0], (shape[1] if len(shape) > 1 else 1), tuple(shape[2:])
+        fan_in = int(math.prod(shape[1:])) if len(shape) > 1 else 1
+        target_std = 0.25 / math.sqrt(fan_in)
+        if kind == "lora":
+            down_sfx, up_sfx = factor_suffixes("peft" if naming.startswith("peft") else "kohya")
+            rnd(down_sfx[1:], (r, in_dim) + ks, 1 / math.sqrt(fan_in))
+            rnd(up_sfx[1:], (out_dim, r) + ((1, 1) if ks else ()), target_std / (scale * math.sqrt(r)))
+        elif kind == "loha":
+            a_std = math.sqrt(target_std / scale)
+            for j in ("1", "2"):
+                if opt.get("tucker"):
+                    rnd("hada_t" + j, (r, r) + ks, 1 / math.sqrt(r))
+                    rnd("hada_w{}_a".format(j), (r, out_dim), a_std)
+                    rnd("hada_w{}_b".format(j), (r, in_dim), 1 / math.sqrt(r))
+                else:
+                    rnd("hada_w{}_a".format(j), (out_dim, r), a_std)
+                    rnd("hada_w{}_b".format(j), (r, fan_in), 1 / math.sqrt(r))
+        elif kind == "lokr":
+            o1, i1 = opt["w1"]
+            o2, i2 = out_dim // o1, in_dim // i1
+            decomposed = "w1_ab" in opt or "w2" in opt
+            std2 = target_std / (scale if decomposed else 1.0)
+            if "w1_ab" in opt:
+                rnd("lokr_w1_a", (o1, opt["w1_ab"]), 1.0)
+                rnd("lokr_w1_b", (opt["w1_ab"], i1), 1 / math.sqrt(opt["w1_ab"]))
+            else:
+                rnd("lokr_w1", (o1, i1), 1.0)
+            if opt.get("w2") == "ab":
+                rnd("lokr_w2_a", (o2, r), std2)
+                rnd("lokr_w2_b", (r, i2 * int(math.prod(ks))), 1 / math.sqrt(r))
+            elif opt.get("w2") == "tucker":
+                rnd("lokr_t2", (r, r) + ks, 1 / math.sqrt(r))
+                rnd("lokr_w2_a", (r, o2), std2)
+                rnd("lokr_w2_b", (r, i2), 1 / math.sqrt(r))
+            else:
+                rnd("lokr_w2", (o2, i2) + ks, std2)
+        elif kind == "diff":
+            rnd("diff", shape, target_std)
+            if opt.get("bias"):
+                rnd("diff_b", (out_dim,), 0.005)
+        elif kind == "norm":
+            rnd("w_norm", shape, 0.01)
+            rnd("b_norm", shape, 0.005)
+        if kind not in ("diff", "norm"):
+            sd[m.lora_name + ".alpha"] = torch.tensor(FORMAT_ALPHA, dtype=dtype)
+        if "dora" in opt:
+            base = checkpoint_tensor(m.checkpoint_key, seed).float()
+            if opt["dora"] == "in":
+                norm = base.transpose(0, 1).reshape(in_dim, -1).norm(dim=1).reshape((1, in_dim) + (1,) * len(ks))
+            else:
+                norm = base.reshape(out_dim, -1).norm(dim=1).reshape((out_dim, 1) + (1,) * len(ks))
+            jitter = 1 + 0.05 * _randn(norm.shape, "format", seed, name, m.lora_name, "dora")
+            sd[m.lora_name + ".dora_scale"] = (norm * jitter).to(dtype).contiguous()
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
 # writing
 
 
@@ -458,12 +631,13 @@ def make_sd15_checkpoint(path, seed: int = 0) -> Path:
 
 
 def make_loras(lora_dir, seed: int = 0) -> dict:
-    """Write every LoRA file of LORA_NAMES into `lora_dir`. Returns {file name: path}."""
+    """Write every LoRA file of LORA_NAMES and FORMAT_NAMES into `lora_dir`. Returns {file name: path}."""
     lora_dir = Path(lora_dir)
     out = {}
-    for name in LORA_NAMES:
+    for name in LORA_NAMES + FORMAT_NAMES:
         p = lora_dir / name
-        _write_if_changed(p, lora_state_dict(name, seed), _metadata(name[:-len(".safetensors")], seed))
+        tensors = lora_state_dict(name, seed) if name in LORA_NAMES else format_state_dict(name, seed)
+        _write_if_changed(p, tensors, _metadata(name[:-len(".safetensors")], seed))
         out[name] = p
     return out
 
