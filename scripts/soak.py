@@ -135,9 +135,10 @@ def settle_prompt() -> tuple:
 
 
 def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | None = None,
-             bad_share: float = 0.03, log_every: int = 500) -> dict:
+             bad_share: float = 0.03, log_every: int = 100, threads: int | None = 1) -> dict:
     """Queue ``n`` prompts (plus two settle prompts) on a fresh server over ``work`` (fixtures are generated
-    there) and check them.
+    there) and check them. ``threads``: the server's OMP_NUM_THREADS (None: torch's default); one thread keeps a
+    long soak steady on a machine whose cores other work shares.
 
     Every ``log_every`` prompts the report so far goes to WORK/soak_progress.json (and a line to stdout).
     Returns the report dict: prompts, counts (per kind; queued; compared: outputs checked against an earlier
@@ -202,7 +203,8 @@ def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | 
             differing.append({"prompt": i, "kind": kind, "stack": repr(key), "max_abs_diff": diff})
         rss["max"] = max(rss["max"], server.rss_bytes())
 
-    with ComfyServer(work, extra_args=["--fp16-unet"]) as server:
+    env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    with ComfyServer(work, extra_args=["--fp16-unet"], env=env) as server:
         rss["start"] = rss["max"] = server.rss_bytes()
         t0 = time.perf_counter()
         previous = None
@@ -250,11 +252,13 @@ def main(argv=None) -> int:
     ap.add_argument("--stacks", type=int, default=24, help="distinct LoRA stacks in the pool")
     ap.add_argument("--warmup", type=int, default=None, help="prompts before the warm-up RSS sample (n // 10)")
     ap.add_argument("--rss-limit-mb", type=float, default=50.0, help="max RSS growth after warm-up")
+    ap.add_argument("--threads", type=int, default=1, help="server OMP_NUM_THREADS (0: torch's default)")
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "soak", help="server base directory")
     args = ap.parse_args(argv)
-    print(f"soak: {args.n} prompts on a real ComfyUI server (--cpu --fp16-unet), seed {args.seed}, "
+    print(f"soak: {args.n} prompts on a real ComfyUI server (--cpu --fp16-unet, {args.threads or 'default'} "
+          f"threads), seed {args.seed}, "
           f"{args.stacks} stacks, work {args.work}", flush=True)
-    report = run_soak(args.work, args.n, args.seed, args.stacks, args.warmup)
+    report = run_soak(args.work, args.n, args.seed, args.stacks, args.warmup, threads=args.threads or None)
     failed = failures(report, args.rss_limit_mb)
     report["failures"] = failed
     path = args.work.resolve() / "soak_report.json"
