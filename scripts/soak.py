@@ -204,7 +204,7 @@ def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | 
         rss["max"] = max(rss["max"], server.rss_bytes())
 
     env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
-    with ComfyServer(work, extra_args=["--fp16-unet"], env=env) as server:
+    with ComfyServer(work, extra_args=["--fp16-unet"], env=env, startup_timeout=900) as server:
         rss["start"] = rss["max"] = server.rss_bytes()
         t0 = time.perf_counter()
         previous = None
