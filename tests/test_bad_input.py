@@ -8,6 +8,7 @@ import struct
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
@@ -184,8 +185,10 @@ def test_file_replaced_with_same_size_and_mtime_is_read_again(comfy_host, patche
     """`cp -p` / `rsync -a` keep size and mtime; the inode change time still tells the file changed."""
     h, p = comfy_host, patched
     loras = fixtures_dir / "models" / "loras"
-    a = load_file(str(loras / A))
-    save_file({k: -v if k.endswith("lora_up.weight") else v for k, v in a.items()}, str(loras / BAD / "neg.safetensors"))
+    with safe_open(str(loras / A), "pt") as f:
+        a, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    save_file({k: -v if k.endswith("lora_up.weight") else v for k, v in a.items()}, str(loras / BAD / "neg.safetensors"),
+              metadata=meta)  # A with its sign flipped: byte for byte the same size
     swap = loras / BAD / "swap.safetensors"
     with torch.inference_mode():
         refs = {}
