@@ -1,9 +1,9 @@
 """Soak test: thousands of queued prompts on the real ComfyUI server, every output checked bit for bit.
 
-    python scripts/soak.py [--n 10000] [--seed 0] [--stacks 24] [--work .work/soak]
+    python scripts/soak.py [--n 10000] [--seed 0] [--stacks 24] [--threads 1] [--work .work/soak]
 
 1. Generates the tiny SD1.5 checkpoint and LoRA files (scripts/make_fixtures.py), plus one LoRA whose delta
-   overflows fp16 (kohya_a x 1000: it fails while baking, after some keys were written).
+   overflows fp16 (kohya_a x 1000: it fails while baking, possibly after other keys were written).
 2. Starts the real server (``--cpu --fp16-unet``, like the main job) and queues ``--n`` prompts through the HTTP
    API, drawn with a seeded RNG (no two consecutive prompts alike, so ComfyUI's cache never answers for the
    sampler). Kinds of prompt:
@@ -16,7 +16,8 @@
    Each prompt is cheap: one encode, one sampling step at cfg 1 on a 2x2 latent, no VAE decode.
 3. Every output (SaveLatent, read back) is compared bit for bit with the first output of the same stack.
    The server's RSS is sampled after every prompt, and after warm-up and at the end right after a settle prompt
-   (all fixture LoRAs on model and CLIP), so both samples hold the same caches. History entries and output files are deleted once read.
+   (all fixture LoRAs on model and CLIP), so both samples hold the same caches. History entries and output
+   files are deleted once read.
 Prints prompts run, outputs differing, errors, and RSS at start / after warm-up / at end; writes
 WORK/soak_report.json. Exits 1 on any differing output, any error, or RSS growth after warm-up >= --rss-limit-mb.
 """
@@ -62,8 +63,8 @@ def stack_pool(rng: random.Random, size: int) -> list[tuple]:
 
 
 def prompt_for(kind: str, stack=(), with_clip=True, free_cache=False, tag="soak") -> dict:
-    """An API prompt: checkpoint -> [loader] -> [Reset Adapters] -> one encode -> KSampler (1 step, cfg 1, 2x2 latent)
-    -> SaveLatent. ``kind``: "stack", "plain", "empty", "reset", or one of ``BAD``."""
+    """An API prompt: checkpoint -> [loader] -> [Reset Adapters] -> one encode -> KSampler (1 step, cfg 1,
+    2x2 latent) -> SaveLatent. ``kind``: "stack", "plain", "empty", "reset", or one of ``BAD``."""
     p = copy.deepcopy(TEMPLATE)
     del p["8"], p["9"]
     p["5"]["inputs"].update(width=16, height=16)

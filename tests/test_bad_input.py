@@ -38,34 +38,34 @@ def header_file(header, data=b"", length=None) -> bytes:
 def files(fixtures_dir, tmp_path_factory):
     """Write the bad files under models/loras/robust/ and one file outside the loras folder (linked from it)."""
     loras = fixtures_dir / "models" / "loras"
-    bad = loras / BAD
-    bad.mkdir(exist_ok=True)
+    folder = loras / BAD
+    folder.mkdir(exist_ok=True)
     a = load_file(str(loras / A))
     raw = (loras / A).read_bytes()
-    (bad / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
-    (bad / "header_length.safetensors").write_bytes(struct.pack("<Q", 2**40) + raw[8:])
-    (bad / "bad_json.safetensors").write_bytes(header_file(b'{"x": {"dtype": "F16", "shape": [2'))
-    (bad / "past_end.safetensors").write_bytes(
+    (folder / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    (folder / "header_length.safetensors").write_bytes(struct.pack("<Q", 2**40) + raw[8:])
+    (folder / "bad_json.safetensors").write_bytes(header_file(b'{"x": {"dtype": "F16", "shape": [2'))
+    (folder / "past_end.safetensors").write_bytes(
         header_file({"x.lora_up.weight": {"dtype": "F32", "shape": [64], "data_offsets": [0, 256]}}, b"\0" * 16))
-    (bad / "text.safetensors").write_text("not a LoRA, just text\n")
-    save_file({"emb_params": torch.randn(2, 768)}, str(bad / "embedding.safetensors"))  # a textual inversion
+    (folder / "text.safetensors").write_text("not a LoRA, just text\n")
+    save_file({"emb_params": torch.randn(2, 768)}, str(folder / "embedding.safetensors"))  # a textual inversion
     other = {"lora_unet_output_blocks_8_1_transformer_blocks_9_attn1_to_q" + k: v for k, v in
              {".lora_up.weight": torch.zeros(640, 4), ".lora_down.weight": torch.zeros(4, 640)}.items()}
-    save_file(other, str(bad / "other_arch.safetensors"))  # SDXL-style block names the tiny SD1.5 lacks
-    save_file({**a, **other}, str(bad / "partly.safetensors"))  # A plus tensors for blocks this model lacks
+    save_file(other, str(folder / "other_arch.safetensors"))  # SDXL-style block names the tiny SD1.5 lacks
+    save_file({**a, **other}, str(folder / "partly.safetensors"))  # A plus tensors for blocks this model lacks
     up = next(k for k in sorted(a) if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
     save_file({**a, up: torch.zeros(a[up].shape[0] + 3, *a[up].shape[1:], dtype=a[up].dtype)},
-              str(bad / "shape.safetensors"))
+              str(folder / "shape.safetensors"))
     for what, value in (("nan", float("nan")), ("inf", float("inf"))):
         t = a[up].clone()
         t.view(-1)[0] = value
-        save_file({**a, up: t}, str(bad / f"{what}.safetensors"))
+        save_file({**a, up: t}, str(folder / f"{what}.safetensors"))
     outside = tmp_path_factory.mktemp("outside") / "outside.safetensors"
     outside.write_bytes(raw)
     for link, target in (("link_outside.safetensors", outside), ("link_inside.safetensors", loras / A)):
-        if not (bad / link).is_symlink():
-            (bad / link).symlink_to(target)
-    return {"bad": bad, "up": up, "outside": outside}
+        if not (folder / link).is_symlink():
+            (folder / link).symlink_to(target)
+    return {"folder": folder, "up": up, "outside": outside}
 
 
 @pytest.fixture(scope="module")
@@ -81,22 +81,29 @@ def patched(comfy_host, files):
                 "unet": weights(good_m), "te": weights(good_c.patcher)}
 
 
-def r(name, *args):
-    return f"{BAD}/{name}", *args
+def bad(name):
+    return f"{BAD}/{name}"
 
 
-CASES = {
-    "missing file": ([row(r("missing.safetensors")[0])], "LoraFileError", r"robust/missing.safetensors.*not in the loras folder"),
-    "truncated": ([row(r("truncated.safetensors")[0])], "LoraFileError", r"truncated.safetensors.*not a valid safetensors.*re-download"),
-    "bad header length": ([row(r("header_length.safetensors")[0])], "LoraFileError", r"header_length.safetensors.*not a valid safetensors"),
-    "bad JSON header": ([row(r("bad_json.safetensors")[0])], "LoraFileError", r"bad_json.safetensors.*not a valid safetensors"),
-    "offsets past the end": ([row(r("past_end.safetensors")[0])], "LoraFileError", r"past_end.safetensors.*not a valid safetensors"),
-    "text file": ([row(r("text.safetensors")[0])], "LoraFileError", r"text.safetensors.*not a valid safetensors"),
-    "not a LoRA": ([row(r("embedding.safetensors")[0])], "LoraFileError", r"embedding.safetensors.*none of its 1 tensors match.*emb_params"),
-    "other architecture": ([row(r("other_arch.safetensors")[0])], "LoraFileError", r"other_arch.safetensors.*none of its 2 tensors match.*another architecture"),
-    "shape mismatch": ([row(r("shape.safetensors")[0])], "FuseError", r"does not fit the model weight.*another model"),
-    "NaN tensor": ([row(r("nan.safetensors")[0])], "LoraFileError", r"nan.safetensors.*lora_unet.*NaN/Inf"),
-    "Inf tensor": ([row(r("inf.safetensors")[0])], "LoraFileError", r"inf.safetensors.*lora_unet.*NaN/Inf"),
+NOT_SAFETENSORS = r"not a valid safetensors.*re-download or re-export"
+CASES = {  # case: (rows, exception type, message pattern)
+    "missing file": ([row(bad("missing.safetensors"))], "LoraFileError",
+                     r"robust/missing.safetensors.*not in the loras folder"),
+    "truncated": ([row(bad("truncated.safetensors"))], "LoraFileError", "truncated.safetensors.*" + NOT_SAFETENSORS),
+    "bad header length": ([row(bad("header_length.safetensors"))], "LoraFileError",
+                          "header_length.safetensors.*" + NOT_SAFETENSORS),
+    "bad JSON header": ([row(bad("bad_json.safetensors"))], "LoraFileError",
+                        "bad_json.safetensors.*" + NOT_SAFETENSORS),
+    "offsets past the end": ([row(bad("past_end.safetensors"))], "LoraFileError",
+                             "past_end.safetensors.*" + NOT_SAFETENSORS),
+    "text file": ([row(bad("text.safetensors"))], "LoraFileError", "text.safetensors.*" + NOT_SAFETENSORS),
+    "not a LoRA": ([row(bad("embedding.safetensors"))], "LoraFileError",
+                   r"embedding.safetensors.*none of its 1 tensors match.*emb_params"),
+    "other architecture": ([row(bad("other_arch.safetensors"))], "LoraFileError",
+                           r"other_arch.safetensors.*none of its 2 tensors match.*another architecture"),
+    "shape mismatch": ([row(bad("shape.safetensors"))], "FuseError", r"does not fit the model weight.*another model"),
+    "NaN tensor": ([row(bad("nan.safetensors"))], "LoraFileError", r"nan.safetensors.*lora_unet.*NaN/Inf"),
+    "Inf tensor": ([row(bad("inf.safetensors"))], "LoraFileError", r"inf.safetensors.*lora_unet.*NaN/Inf"),
     "NaN strength": ([row(A, float("nan"))], "ValueError", r"lora_1.strength_model"),
     "inf strength_clip": ([row(A, 1.0, float("-inf"))], "ValueError", r"lora_1.strength_clip"),
     "absurd strength": ([row(A), row(B, 1e6)], "ValueError", r"lora_2.strength_model = 1000000.0 is not a usable"),
@@ -107,7 +114,8 @@ CASES = {
     "dot-dot inside": ([row(f"{BAD}/../../loras/{A}")], "LoraFileError", r"without '\.\.'"),
     "windows dot-dot": ([row("..\\" + A)], "LoraFileError", r"without '\.\.'"),
     "absolute name": ([row("/etc/passwd")], "LoraFileError", r"'/etc/passwd' must be a file name relative"),
-    "link outside": ([row(r("link_outside.safetensors")[0])], "LoraFileError", r"link_outside.safetensors.*is a link to .*outside.*extra_model_paths"),
+    "link outside": ([row(bad("link_outside.safetensors"))], "LoraFileError",
+                     r"link_outside.safetensors.*is a link to .*outside.*extra_model_paths"),
 }
 
 
@@ -150,7 +158,7 @@ def test_partly_matching_lora_warns_with_the_list_and_applies_the_rest(comfy_hos
         load(h, full_m, full_c.load_model())
         expected_u, expected_c = weights(full_m), weights(full_c.patcher)
         with caplog.at_level("WARNING", logger="comfyui-batch-lora"):
-            part_m, part_c, report = run_loader(h, p["model"], p["clip"], row(r("partly.safetensors")[0], 0.7, 0.9))
+            part_m, part_c, report = run_loader(h, p["model"], p["clip"], row(bad("partly.safetensors"), 0.7, 0.9))
         missing = "lora_unet_output_blocks_8_1_transformer_blocks_9_attn1_to_q.lora_up.weight"
         assert missing in report
         assert any(missing in rec.getMessage() for rec in caplog.records if rec.levelname == "WARNING")
@@ -176,7 +184,7 @@ def test_link_inside_the_loras_folder_is_followed(comfy_host, patched):
         direct_m, _, _ = run_loader(h, p["model"], None, row(A, 0.6))
         load(h, direct_m)
         expected = weights(direct_m)
-        linked_m, _, _ = run_loader(h, p["model"], None, row(r("link_inside.safetensors")[0], 0.6))
+        linked_m, _, _ = run_loader(h, p["model"], None, row(bad("link_inside.safetensors"), 0.6))
         load(h, linked_m)
         assert same_weights(linked_m, expected)
 
@@ -187,23 +195,23 @@ def test_file_replaced_with_same_size_and_mtime_is_read_again(comfy_host, patche
     loras = fixtures_dir / "models" / "loras"
     with safe_open(str(loras / A), "pt") as f:
         a, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    save_file({k: -v if k.endswith("lora_up.weight") else v for k, v in a.items()}, str(loras / BAD / "neg.safetensors"),
-              metadata=meta)  # A with its sign flipped: byte for byte the same size
+    neg = {k: -v if k.endswith("lora_up.weight") else v for k, v in a.items()}
+    save_file(neg, str(loras / BAD / "neg.safetensors"), metadata=meta)  # A with its sign flipped: byte for byte the same size
     swap = loras / BAD / "swap.safetensors"
     with torch.inference_mode():
         refs = {}
-        for name in (A, r("neg.safetensors")[0]):  # same shapes and dtypes: same file size
+        for name in (A, bad("neg.safetensors")):  # same shapes and dtypes: same file size
             m, _, _ = run_loader(h, p["model"], None, row(name, 0.9))
             load(h, m)
             refs[name] = weights(m)
         swap.write_bytes((loras / A).read_bytes())
         stamp = swap.stat().st_mtime_ns
-        m, _, _ = run_loader(h, p["model"], None, row(r("swap.safetensors")[0], 0.9))
+        m, _, _ = run_loader(h, p["model"], None, row(bad("swap.safetensors"), 0.9))
         load(h, m)
         assert same_weights(m, refs[A])
         swap.write_bytes((loras / BAD / "neg.safetensors").read_bytes())
         os.utime(swap, ns=(stamp, stamp))
         assert swap.stat().st_size == (loras / A).stat().st_size and swap.stat().st_mtime_ns == stamp
-        m, _, _ = run_loader(h, p["model"], None, row(r("swap.safetensors")[0], 0.9))
+        m, _, _ = run_loader(h, p["model"], None, row(bad("swap.safetensors"), 0.9))
         load(h, m)
-        assert same_weights(m, refs[r("neg.safetensors")[0]])
+        assert same_weights(m, refs[bad("neg.safetensors")])
