@@ -49,6 +49,21 @@ BAD = ("missing_file", "absurd_strength", "fp16_overflow")
 PLAIN = ("plain",)  # the stack key of every prompt that must run with the base weights
 
 
+class PatientServer(ComfyServer):
+    """A ComfyServer whose HTTP calls wait up to 10 minutes: a niced soak on a busy machine can stall that long
+    between two polls, and a slow answer is not a failure of the pack."""
+
+    def get(self, path, **kw):
+        """GET url+path, timeout 600 s unless given."""
+        kw.setdefault("timeout", 600)
+        return super().get(path, **kw)
+
+    def post(self, path, **kw):
+        """POST url+path, timeout 600 s unless given."""
+        kw.setdefault("timeout", 600)
+        return super().post(path, **kw)
+
+
 def stack_pool(rng: random.Random, size: int) -> list[tuple]:
     """``size`` distinct stacks: ``((file, strength_model, strength_clip), ...)`` plus whether CLIP is patched."""
     pool, seen = [], set()
@@ -174,7 +189,7 @@ def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | 
         counts[kind] = counts.get(kind, 0) + 1
         counts["queued"] = counts.get("queued", 0) + 1
         try:
-            entry = server.queue(prompt)
+            entry = server.queue(prompt, timeout=3600)
         except PromptError as exc:
             if kind not in BAD:
                 errors.append(f"prompt {i} ({kind}): {exc}"[:2000])
@@ -205,7 +220,7 @@ def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | 
         rss["max"] = max(rss["max"], server.rss_bytes())
 
     env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
-    with ComfyServer(work, extra_args=["--fp16-unet"], env=env, startup_timeout=900) as server:
+    with PatientServer(work, extra_args=["--fp16-unet"], env=env, startup_timeout=900) as server:
         rss["start"] = rss["max"] = server.rss_bytes()
         t0 = time.perf_counter()
         previous = None
