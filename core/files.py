@@ -17,9 +17,11 @@ class LoraFileError(ValueError):
 
 
 class LoraFileCache:
-    """Parsed LoRA files (``{tensor name: CPU tensor}``), keyed by (resolved path, size, mtime_ns).
+    """Parsed LoRA files (``{tensor name: CPU tensor}``), keyed by ``identity``: (resolved path, size, mtime_ns,
+    ctime_ns).
 
-    A file changed on disk has a new key and is read again; least recently used files are evicted once the
+    A file changed on disk has a new key and is read again (also one replaced by a copy that kept size and mtime,
+    e.g. ``cp -p`` or ``rsync -a``: the change time still moves); least recently used files are evicted once the
     held tensors exceed ``budget_bytes``. Thread-safe.
 
     Args:
@@ -35,15 +37,16 @@ class LoraFileCache:
         self.reads = 0
 
     @staticmethod
-    def identity(path: str) -> tuple[str, int, int]:
-        """``(resolved path, size in bytes, mtime in ns)`` of ``path``. Raises LoraFileError if it is missing."""
+    def identity(path: str) -> tuple[str, int, int, int]:
+        """``(resolved path, size in bytes, mtime in ns, ctime in ns)`` of ``path`` (ctime: the inode's change
+        time, which no copy tool can set). Raises LoraFileError if it is missing."""
         real = os.path.realpath(path)
         try:
             st = os.stat(real)
         except OSError as exc:
             raise LoraFileError(f"LoRA file {path!r} cannot be read ({exc.strerror}); check the name and the "
                                 "loras folder") from exc
-        return real, st.st_size, st.st_mtime_ns
+        return real, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     @property
     def nbytes(self) -> int:

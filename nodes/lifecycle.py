@@ -192,8 +192,13 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     try:
         report = engine.apply(plan, should_stop=comfy.model_management.processing_interrupted,
                               progress=lambda done, total: bar.update_absolute(done, total))
-    except ApplyInterrupted as exc:
-        raise comfy.model_management.InterruptProcessingException() from exc
+    except BaseException as exc:  # the engine already put back every key it had written
+        log.warning("batch-lora: %s: bake of %s stopped (%s); every key written was rolled back",
+                    type(patcher.model).__name__, ", ".join(spec.labels) if spec else "no stack",
+                    type(exc).__name__)
+        if isinstance(exc, ApplyInterrupted):
+            raise comfy.model_management.InterruptProcessingException() from exc
+        raise
     for key in report.keys:
         entry = backup.get(key)
         if key in engine.applied_keys:

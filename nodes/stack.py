@@ -9,6 +9,9 @@ and does its own merge (``core.fuse``) and lifecycle.
 from __future__ import annotations
 
 import math
+import ntpath
+import os
+import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -115,10 +118,28 @@ def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
 
 
 def lora_path(name: str) -> str:
-    """Full path of ``name`` inside a loras folder. Raises LoraFileError naming the file if there is none."""
+    """Full path of ``name``, a file name relative to one of the loras folders (``folder_paths``).
+
+    ComfyUI 0.3.75's ``folder_paths.get_full_path`` silently rewrites ``../x`` and ``/abs/x`` to ``x`` inside each
+    folder and follows links wherever they lead. Here such names are refused instead, and so is a file whose
+    real path (links resolved) lies outside every loras folder, so an API prompt can only read files inside them.
+
+    Raises:
+        LoraFileError: absolute name, a ``..`` component, the file is missing, or it leads outside the loras
+            folders (names the file and what to do).
+    """
+    folders = folder_paths.get_folder_paths("loras")
+    parts = name.replace("\\", "/").split("/")
+    if not name or "\x00" in name or posixpath.isabs(name) or ntpath.isabs(name) or ".." in parts:
+        raise LoraFileError(f"LoRA name {name!r} must be a file name relative to the loras folder(s) {folders}, "
+                            "without '..' or an absolute path; pick the file from the list")
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise LoraFileError(f"LoRA {name!r} is not in the loras folder(s) {folder_paths.get_folder_paths('loras')}")
+        raise LoraFileError(f"LoRA {name!r} is not in the loras folder(s) {folders}; check the name")
+    real = os.path.realpath(path)
+    if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in folders):
+        raise LoraFileError(f"LoRA {name!r} is a link to {real}, outside the loras folder(s) {folders}; add that "
+                            "folder as a loras path in extra_model_paths.yaml instead of linking to it")
     return path
 
 
