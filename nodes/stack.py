@@ -212,9 +212,15 @@ def _unet_key_map(model) -> dict:
 
 def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: dict):
     """ComfyUI's mapping of one file onto the model: ``([(weight key, factors, is_unet)], unmatched tensor
-    names)``. Raises LoraFileError when nothing matches, NotImplementedError for adapters not fused here."""
+    names)``. Raises LoraFileError when nothing matches or ComfyUI's parser fails on an incomplete module set
+    (e.g. a LoHa ``hada_t1`` without ``hada_t2``), NotImplementedError for adapters not fused here."""
     key_map = {**unet_map, **clip_map}
-    patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    try:
+        patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
+    except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:  # ComfyUI's parser on a broken set
+        raise LoraFileError(f"LoRA {name!r}: its tensors do not form a complete LoRA/LyCORIS module set "
+                            f"({type(exc).__name__}: {exc}); the file is incomplete or corrupt - re-export "
+                            "it") from exc
     if not patches:
         raise LoraFileError(f"LoRA {name!r}: none of its {len(tensors)} tensors match this model "
                             f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")

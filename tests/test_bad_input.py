@@ -56,6 +56,9 @@ def files(fixtures_dir, tmp_path_factory):
     up = next(k for k in sorted(a) if k.startswith("lora_unet") and k.endswith("lora_up.weight"))
     save_file({**a, up: torch.zeros(a[up].shape[0] + 3, *a[up].shape[1:], dtype=a[up].dtype)},
               str(folder / "shape.safetensors"))
+    module = up[: -len(".lora_up.weight")]
+    hada = {f"{module}.hada_{n}": torch.zeros(4, 4) for n in ("w1_a", "w1_b", "w2_a", "w2_b", "t1")}
+    save_file(hada, str(folder / "incomplete_loha.safetensors"))  # a Tucker LoHa without its hada_t2
     for what, value in (("nan", float("nan")), ("inf", float("inf"))):
         t = a[up].clone()
         t.view(-1)[0] = value
@@ -101,6 +104,8 @@ CASES = {  # case: (rows, exception type, message pattern)
                    r"embedding.safetensors.*none of its 1 tensors match.*emb_params"),
     "other architecture": ([row(bad("other_arch.safetensors"))], "LoraFileError",
                            r"other_arch.safetensors.*none of its 2 tensors match.*another architecture"),
+    "incomplete LoHa": ([row(bad("incomplete_loha.safetensors"))], "LoraFileError",
+                        r"incomplete_loha.safetensors.*not form a complete.*KeyError.*hada_t2.*re-export"),
     "shape mismatch": ([row(bad("shape.safetensors"))], "FuseError", r"does not fit the model weight.*another model"),
     "NaN tensor": ([row(bad("nan.safetensors"))], "LoraFileError", r"nan.safetensors.*lora_unet.*NaN/Inf"),
     "Inf tensor": ([row(bad("inf.safetensors"))], "LoraFileError", r"inf.safetensors.*lora_unet.*NaN/Inf"),
