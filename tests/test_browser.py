@@ -88,14 +88,23 @@ def loaders(page) -> list:
 def click_widget(page, node_id, widget: str, x=None):
     """Click widget ``widget`` (a name) of node ``node_id``, ``x`` canvas pixels from the node's left edge (default:
     the middle)."""
-    x, y = page.evaluate("""([id, name, x]) => {
+    page.mouse.click(*widget_point(page, node_id, widget, x))
+
+
+def hover_widget(page, node_id, widget: str, x=None):
+    """Move the mouse onto widget ``widget`` of node ``node_id`` (see ``click_widget``)."""
+    page.mouse.move(*widget_point(page, node_id, widget, x), steps=3)
+
+
+def widget_point(page, node_id, widget: str, x=None) -> tuple:
+    """Page coordinates of a point in widget ``widget`` of node ``node_id``."""
+    return page.evaluate("""([id, name, x]) => {
         const n = app.graph.getNodeById(id), w = n.widgets.find(w => w.name === name);
         const h = w.computeSize ? w.computeSize(n.size[0])[1] : LiteGraph.NODE_WIDGET_HEIGHT;
         const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + (x ?? n.size[0] / 2), n.pos[1] + w.last_y + h / 2]);
         const r = app.canvas.canvas.getBoundingClientRect();
         return [r.left + cx, r.top + cy];
     }""", [node_id, widget, x])
-    page.mouse.click(x, y)
 
 
 def pick_from_menu(page, entry: str):
@@ -144,6 +153,10 @@ def test_add_loader_from_node_library_and_pick_two_loras(page):
     click_widget(page, node, "Toggle all")
     assert [r["on"] for r in loaders(page)[0]["rows"]] == [True, True]
     click_widget(page, node, "lora_2", x=19)
+    page.mouse.move(0, 0)
+    hover_widget(page, node, "lora_1")
+    expect(page.get_by_text("Click the dot to turn it on/off")).to_be_visible()  # the row's tooltip
+    page.mouse.move(0, 0)
     settle(page)
     screenshot_nodes(page, SHOTS / "batch_lora_loader.png", node)
     publish(SHOTS / "batch_lora_loader.png", ROOT / "docs" / "batch_lora_loader.png")
