@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 
@@ -178,8 +179,22 @@ def test_example_workflow_from_template_browser_runs(page, server, workflow):
     api = json.loads((ROOT / "workflows" / "api" / workflow.name).read_text())
     assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in exported.items()} == {
         k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
-    with page.expect_response(lambda r: "/view?" in r.url and "filename=" in r.url and r.ok, timeout=180_000):
-        page.get_by_test_id("queue-button").get_by_role("button", name="Run").first.click()
+    images = set()  # (subfolder, filename) of the output images the page fetched
+
+    def on_response(r):
+        query = parse_qs(urlparse(r.url).query)
+        if "/view" in r.url and "filename" in query and r.ok:
+            images.add((query.get("subfolder", [""])[0], query["filename"][0]))
+
+    saves = sum(n["type"] == "SaveImage" for n in json.loads(workflow.read_text())["nodes"])
+    page.on("response", on_response)
+    page.get_by_test_id("queue-button").get_by_role("button", name="Run").first.click()
+    for _ in range(720):  # up to 6 minutes on a busy machine
+        if len(images) >= saves:
+            break
+        page.wait_for_timeout(500)
+    page.remove_listener("response", on_response)
+    assert len(images) == saves, f"output images the page fetched: {sorted(images)}"
     settle(page)
     screenshot_nodes(page, SHOTS / f"{name}.png")
     screenshot_nodes(page, SHOTS / f"{name}.jpg", type="jpeg", quality=80)

@@ -6,8 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import main_job
@@ -234,3 +236,14 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
     log = server.log_tail(20000)
     for model, (keys, _) in _touched_numel().items():
         assert f"batch-lora: {model}: {keys} keys merged, 0 restored, 0 unchanged in " in log
+
+
+def test_lora_vs_reset_example_runs_unchanged(server):
+    """workflows/api/batch_lora_vs_reset.json: one graph, the LoRA image, the tags, and the image after Reset
+    Adapters (decoded pixels differ: the stack really was removed on that path)."""
+    prompt = json.loads((ROOT / "workflows" / "api" / "batch_lora_vs_reset.json").read_text())
+    entry = server.queue(prompt)
+    assert entry["outputs"]["9"]["text"] == ["<lora:kohya_a:0.8> <lora:peft_c:0.5:0.6>"]
+    (with_loras,), (after_reset,) = (server.output_files(entry, "images", nid) for nid in ("8", "15"))
+    pixels = [np.asarray(Image.open(p)) for p in (with_loras, after_reset)]
+    assert pixels[0].shape == pixels[1].shape == (64, 64, 3) and not np.array_equal(*pixels)
