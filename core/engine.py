@@ -34,7 +34,7 @@ class Counters:
     rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error;
     moves: applies that found weights this engine wrote on another device or in new storage since its last write
     (the host moved the model, e.g. ComfyUI's normal-VRAM offload round trip; the engine itself never moves
-    weights).
+    weights); host_restores: keys put back to their base by someone else (``forget``: ComfyUI restored them).
     """
 
     merges: int = 0
@@ -42,17 +42,21 @@ class Counters:
     restores: int = 0
     rollbacks: int = 0
     moves: int = 0
+    host_restores: int = 0
 
 
 @dataclass
 class ApplyReport:
-    """What one ``apply``/``reset`` did: keys merged, restored and left alone, and wall time in seconds."""
+    """What one ``apply``/``reset`` did: keys merged, restored and left alone, wall time in seconds, when it
+    finished (``time.time()``), and the caller's labels of the stack applied."""
 
     merged: int = 0
     restored: int = 0
     unchanged: int = 0
     seconds: float = 0.0
     keys: list[str] = field(default_factory=list)
+    finished_at: float = 0.0
+    labels: tuple[str, ...] = ()
 
 
 def _signature(terms: Sequence[Term]) -> tuple:
@@ -72,6 +76,9 @@ class InPlacePatcher:
         self.module = module
         self.cache = cache if cache is not None else BaseCache()
         self.counters = Counters()
+        self.last_apply: ApplyReport | None = None  # the last successful apply of a non-empty stack
+        self.last_reset: ApplyReport | None = None  # the last successful apply of an empty stack (a reset)
+        self.labels: tuple[str, ...] = ()  # labels of the stack baked into the weights now (empty: at base)
         # key -> (signature, terms) of what is baked into the live weight; absent = the weight is at its base.
         self._applied: dict[str, tuple[tuple, Sequence[Term]]] = {}
         self._targets: dict[str, Target] = {}
@@ -92,10 +99,13 @@ class InPlacePatcher:
     def forget(self, keys) -> None:
         """Record that ``keys`` were put back to their base by someone else (the host restored them)."""
         for key in keys:
-            self._applied.pop(key, None)
+            if self._applied.pop(key, None) is not None:
+                self.counters.host_restores += 1
+        if not self._applied:
+            self.labels = ()
 
     def apply(self, stack: Mapping[str, Sequence[Term]], *, should_stop: Callable[[], bool] | None = None,
-              progress: Callable[[int, int], None] | None = None) -> ApplyReport:
+              progress: Callable[[int, int], None] | None = None, labels: Sequence[str] = ()) -> ApplyReport:
         """Make the module's weights equal ``base + stack`` on the touched keys, all or nothing.
 
         Keys in ``stack`` get ``round(base_fp32 + sum s_i*delta_i)`` (see ``core.fuse``); keys that
@@ -106,15 +116,17 @@ class InPlacePatcher:
             stack: weight key -> terms ``(strength, factors)`` (``core.fuse`` factor sets).
             should_stop: polled before each key; True aborts with ``ApplyInterrupted``.
             progress: ``progress(done, total)`` after each key written.
+            labels: names for the stack (e.g. ``file@strength_model/strength_clip``), kept in the report and in
+                ``self.labels`` for status displays.
         Returns:
-            An ``ApplyReport``.
+            An ``ApplyReport``, also kept as ``self.last_apply`` (non-empty stack) or ``self.last_reset``.
         Raises:
             FuseError (shape mismatch, NaN/Inf result), CacheBudgetError, KeyError (unknown key),
             UnsupportedTarget (quantized weight), ApplyInterrupted, or anything raised while writing. Before any of these propagates, every key
             written by this call is put back to the value it had before the call (same bits).
         """
         start = time.perf_counter()
-        report = ApplyReport()
+        report = ApplyReport(labels=tuple(labels))
         moved = {k: now for k, ptr in self._placed.items() if (now := self._targets[k].param.data_ptr()) != ptr}
         if moved:
             self.counters.moves += 1
@@ -150,6 +162,12 @@ class InPlacePatcher:
                 self.counters.rollbacks += 1
             raise
         report.seconds = time.perf_counter() - start
+        report.finished_at = time.time()
+        self.labels = report.labels if self._applied else ()
+        if any(stack.values()):
+            self.last_apply = report
+        else:
+            self.last_reset = report
         return report
 
     def release_cache(self) -> int:

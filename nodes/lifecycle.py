@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
@@ -30,8 +31,8 @@ from comfy.patcher_extension import CallbacksMP
 from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
                     wrapper_kind)
 
-__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "release_caches", "check_not_frozen",
-           "describe"]
+__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "engines", "release_caches",
+           "check_not_frozen", "describe"]
 
 log = logging.getLogger("comfyui-batch-lora")
 
@@ -74,6 +75,8 @@ class PackBackup(NamedTuple):
 
 
 _ENGINE_ATTR = "_batch_lora_engine"  # the engine lives on the torch model it patches and dies with it
+# engine -> the ComfyUI ``backup`` dict of the patcher family that last loaded its model (for the status route)
+_LOADED: "weakref.WeakKeyDictionary[InPlacePatcher, dict]" = weakref.WeakKeyDictionary()
 
 
 def _cache_options() -> dict:
@@ -132,6 +135,15 @@ def engine_for(model: torch.nn.Module, offload_device=None, create: bool = True)
     return engine
 
 
+def engines() -> list[tuple[InPlacePatcher, set[str]]]:
+    """``(engine, keys holding the pack's terms now)`` for every live model this pack has loaded.
+
+    Read-only: a key ComfyUI has restored since the pack's last load (its ``PackBackup`` entry is gone) is left
+    out here; the engine itself learns of it at the next load (``_sync``)."""
+    return [(engine, {k for k in engine.applied_keys if isinstance(backup.get(k), PackBackup)})
+            for engine, backup in list(_LOADED.items())]
+
+
 def _sync(engine: InPlacePatcher, backup: dict) -> None:
     """Tell the engine which of its keys ComfyUI restored (their ``PackBackup`` entry is gone)."""
     engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
@@ -183,6 +195,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     if engine is None:
         return
     backup = patcher.backup
+    _LOADED[engine] = backup
     _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
     check_not_frozen(patcher, plan, spec.node if spec is not None else "")
@@ -191,7 +204,8 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     bar = comfy.utils.ProgressBar(max(1, len(plan)))
     try:
         report = engine.apply(plan, should_stop=comfy.model_management.processing_interrupted,
-                              progress=lambda done, total: bar.update_absolute(done, total))
+                              progress=lambda done, total: bar.update_absolute(done, total),
+                              labels=spec.labels if spec is not None else ())
     except BaseException as exc:  # the engine already put back every key it had written
         log.warning("batch-lora: %s: bake of %s stopped (%s); every key written was rolled back",
                     type(patcher.model).__name__, ", ".join(spec.labels) if spec else "no stack",

@@ -4,14 +4,14 @@ from __future__ import annotations
 import logging
 
 from .lifecycle import check_not_frozen, describe, release_caches, stack_of, with_stack
-from .stack import FILES, build_plans, lora_path, parse_entries
+from .stack import FILES, ROW_SHAPES, build_plans, lora_path, parse_entries
 
 log = logging.getLogger("comfyui-batch-lora")
 
 CATEGORY = "loaders/batch lora"
 
-ROW_TOOLTIP = ('One LoRA: {"on": true, "lora": "<file in models/loras>", "strength_model": 1.0, '
-               '"strength_clip": 1.0}. The node UI edits these rows; API prompts send the same objects.')
+ROW_TOOLTIP = (f"One LoRA row (a file in models/loras, its strengths, on/off): {ROW_SHAPES}. The node UI edits "
+               "these objects; API prompts send the same ones.")
 
 
 class _LoraRows(dict):
@@ -53,12 +53,17 @@ class BatchLoraLoader:
                    "from an exact FP32 base cache, so queued runs never drift and an unchanged stack costs nothing.")
     CATEGORY = CATEGORY
     FUNCTION = "apply"
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "report")
+    # New outputs go after the existing ones: saved workflows link outputs by index.
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "LORA_STACK", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report", "lora_stack", "lora_tags")
     OUTPUT_TOOLTIPS = ("The model carrying the stack (the input model is not modified).",
                        "The CLIP carrying the stack (None when no CLIP is connected).",
                        "What runs the model (eager, torch.compile, OneDiff), then per LoRA: strengths, UNet/CLIP "
-                       "keys matched and tensors not matched.")
+                       "keys matched and tensors not matched.",
+                       "The enabled LoRAs, input stack first, as a LORA_STACK list of (name, strength_model, "
+                       "strength_clip) for other LoRA_STACK nodes.",
+                       "The enabled LoRAs in A1111 prompt syntax for image metadata, e.g. <lora:style:0.8>; "
+                       "<lora:name:clip:model> when the two strengths differ.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -82,7 +87,8 @@ class BatchLoraLoader:
             return f"error: {exc}"
 
     def apply(self, model, clip=None, lora_stack=None, unique_id=None, **rows):
-        """Return ``(MODEL, CLIP, report)`` clones carrying the stack; no weight is touched here.
+        """Return ``(MODEL, CLIP, report, lora_stack, lora_tags)``: clones carrying the stack (no weight is
+        touched here), the report text, the enabled entries as a LORA_STACK list and as ``<lora:...>`` tags.
 
         Raises (before anything changes): ValueError for a malformed row or strength, LoraFileError for a missing
         or broken file or one that matches nothing, FuseError for a factor that does not fit the model,
@@ -103,7 +109,8 @@ class BatchLoraLoader:
             log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
         for m in matches:
             (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line(limit=None))
-        return (out_model, out_clip, report)
+        stack = [(e.name, e.strength_model, e.strength_clip) for e in entries]
+        return (out_model, out_clip, report, stack, " ".join(e.tag() for e in entries))
 
 
 class ResetAdapters:

@@ -42,6 +42,17 @@ class LoraEntry:
     strength_clip: float = 1.0
     on: bool = True
 
+    def tag(self) -> str:
+        """The entry in A1111 prompt syntax, as A1111 and Civitai write it into image metadata: the file's base
+        name without folder or extension, e.g. ``<lora:style:0.8>``. When the strengths differ, A1111's
+        two-number form ``<lora:name:strength_clip:strength_model>`` (A1111 reads the first number as the
+        text-encoder multiplier, the second as the UNet's; readers that take only one number see the clip
+        strength). Source: AUTOMATIC1111 extensions-builtin/Lora/networks.py (``te``/``unet`` multipliers)."""
+        stem = os.path.splitext(os.path.basename(self.name.replace("\\", "/")))[0]
+        if self.strength_clip == self.strength_model:
+            return f"<lora:{stem}:{self.strength_model:g}>"
+        return f"<lora:{stem}:{self.strength_clip:g}:{self.strength_model:g}>"
+
 
 @dataclass
 class LoraMatch:
@@ -81,12 +92,29 @@ def _float(value, what: str) -> float:
     return number
 
 
+ROW_SHAPES = ('{"on": true, "lora": "file.safetensors", "strength_model": 1.0, "strength_clip": 1.0}, or rgthree '
+              'Power Lora Loader\'s {"on": true, "lora": "file.safetensors", "strength": 1.0, "strengthTwo": 1.0}')
+
+
+def _row_strengths(key: str, row: dict) -> tuple[float, float]:
+    """(strength_model, strength_clip) of one row in either shape (see ``parse_entries``)."""
+    if "strength_model" in row or "strength" not in row:
+        sm = _float(row.get("strength_model", 1.0), f"{key}.strength_model")
+        return sm, _float(row.get("strength_clip", sm), f"{key}.strength_clip")
+    sm = _float(row["strength"], f"{key}.strength")
+    two = row.get("strengthTwo")
+    return sm, (sm if two is None else _float(two, f"{key}.strengthTwo"))
+
+
 def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
     """Normalise the loader's inputs into entries, in order: ``lora_stack`` first, then ``lora_1``, ``lora_2``...
 
     Args:
-        rows: ``{"lora_N": {"on": bool, "lora": name, "strength_model": float, "strength_clip": float}}``
-            (a missing ``strength_clip`` means the same as ``strength_model``); other keys are ignored.
+        rows: ``{"lora_N": row}``, each row in this pack's shape ``{"on", "lora", "strength_model",
+            "strength_clip"}`` or in rgthree Power Lora Loader's ``{"on", "lora", "strength", "strengthTwo"}``
+            (rgthree power_lora_loader.py: ``strengthTwo`` is the clip strength). A missing or null clip strength
+            means the same as the model strength; rows that are off or name no file are skipped; other keys
+            (e.g. rgthree's ``PowerLoraLoaderHeaderWidget``) are ignored.
         lora_stack: optional LORA_STACK list of ``(name, strength_model, strength_clip)`` tuples (Comfyroll /
             Efficiency stackers).
     Raises:
@@ -102,13 +130,10 @@ def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
     for key in names:
         row = rows[key]
         if not isinstance(row, dict) or "lora" not in row:
-            raise ValueError(f"{key} must be an object like {{\"on\": true, \"lora\": \"file.safetensors\", "
-                             f"\"strength_model\": 1.0, \"strength_clip\": 1.0}}, got {row!r}")
+            raise ValueError(f"{key} must be an object like {ROW_SHAPES}; got {row!r}")
         if not row.get("on", True) or row["lora"] in (None, "", "None"):
             continue
-        sm = _float(row.get("strength_model", 1.0), f"{key}.strength_model")
-        sc = _float(row.get("strength_clip", sm), f"{key}.strength_clip")
-        entries.append(LoraEntry(str(row["lora"]), sm, sc))
+        entries.append(LoraEntry(str(row["lora"]), *_row_strengths(key, row)))
     seen = set()
     for e in entries:
         if e.name in seen:

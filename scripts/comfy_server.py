@@ -269,6 +269,45 @@ class ComfyServer:
         raise PromptError("execution", "prompt {} did not complete: {}".format(prompt_id, json.dumps(status)[:2000]),
                           prompt_id=prompt_id, details=status, entry=entry)
 
+    def queue_with_events(self, prompt: dict, timeout=300.0, **fields) -> tuple:
+        """Like queue(), while listening on the server's websocket (/ws?clientId=...) as the frontend does.
+
+        Returns (history entry, events): events are the JSON messages received from just before the prompt was
+        queued until it finished, as (type, data) pairs ("status", "executing", "progress", "progress_state",
+        "executed", ...); binary preview frames are skipped.
+        """
+        import asyncio
+        import aiohttp
+
+        async def run():
+            events, finals = [], ("execution_success", "execution_error", "execution_interrupted")
+            async with aiohttp.ClientSession() as session:
+                async with session.ws_connect("{}/ws?clientId={}".format(self.url, self.client_id)) as ws:
+                    task = asyncio.ensure_future(asyncio.to_thread(self.queue, prompt, timeout, **fields))
+                    drain_until = None
+                    while True:
+                        if task.done():
+                            if task.exception() is not None:
+                                return await task
+                            pid = task.result()["prompt"][1]
+                            if any(t in finals and (d or {}).get("prompt_id") == pid for t, d in events):
+                                break
+                            drain_until = drain_until or time.monotonic() + 10.0  # the final message is in flight
+                            if time.monotonic() > drain_until:
+                                break
+                        try:
+                            msg = await ws.receive(timeout=0.1)
+                        except asyncio.TimeoutError:
+                            continue
+                        if msg.type == aiohttp.WSMsgType.TEXT:
+                            data = json.loads(msg.data)
+                            events.append((data.get("type"), data.get("data")))
+                        elif msg.type in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                            break
+                    return await task, events
+
+        return asyncio.run(run())
+
     def interrupt(self, prompt_id=None) -> None:
         """POST /interrupt (global, or only if `prompt_id` is the running prompt). Raises on an HTTP error."""
         self.post("/interrupt", json={"prompt_id": prompt_id} if prompt_id else {}).raise_for_status()

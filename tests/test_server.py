@@ -1,11 +1,16 @@
 """The real ComfyUI server with this pack, driven over HTTP like a user's client: the example API workflow posted
-unchanged, a short version of the main job's drift check (with a fresh second process), and a bad prompt that
-fails cleanly while the server keeps serving bit-identical results."""
+unchanged, a short version of the main job's drift check (with a fresh second process), a bad prompt that
+fails cleanly while the server keeps serving bit-identical results, rgthree-shaped prompts and the LORA_STACK /
+tag outputs, and the status route and progress events of a bake."""
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 import main_job
 import make_fixtures as fx
@@ -27,7 +32,9 @@ def test_nodes_are_registered_with_tooltips(server):
     info = server.get("/object_info").json()
     loader, reset = info["BatchLoraLoader"], info["BatchLoraResetAdapters"]
     assert loader["display_name"] == "Batch LoRA Loader" and reset["display_name"] == "Reset Adapters"
-    assert loader["output"] == ["MODEL", "CLIP", "STRING"]
+    assert loader["output"] == ["MODEL", "CLIP", "STRING", "LORA_STACK", "STRING"]
+    assert loader["output_name"] == ["MODEL", "CLIP", "report", "lora_stack", "lora_tags"]
+    assert all(loader["output_tooltips"]) and len(loader["output_tooltips"]) == 5
     for node in (loader, reset):
         assert node["description"] and node["category"] == "loaders/batch lora"
         for group in ("required", "optional"):
@@ -122,3 +129,121 @@ def test_plain_path_in_the_same_prompt_gets_base_weights(server):
     lora_latent = server.read_output_latent(entry, main_job.SAVE)
     assert torch.equal(server.read_output_latent(entry, "p7"), plain_only)
     assert not torch.equal(lora_latent, plain_only)
+
+
+def _fresh(prompt: dict, tag: str) -> dict:
+    """``prompt`` with its own seed and texts, so ComfyUI's cache cannot answer it and every model is loaded."""
+    prompt = json.loads(json.dumps(prompt))
+    seed = int.from_bytes(tag.encode()[:6].ljust(6, b"\0"), "little")
+    prompt[main_job.SAMPLER]["inputs"]["seed"] = seed
+    for nid in ("3", "4"):
+        prompt[nid]["inputs"]["text"] += f" ({tag})"
+    return prompt
+
+
+def rgthree_rows(rows: dict) -> dict:
+    """The loader rows in rgthree Power Lora Loader's API shape, with the extra keys its UI exports."""
+    out = {"PowerLoraLoaderHeaderWidget": {"type": "PowerLoraLoaderHeaderWidget"}, "\u2795 Add Lora": ""}
+    for key, r in rows.items():
+        out[key] = {"on": r["on"], "lora": r["lora"], "strength": r["strength_model"],
+                    "strengthTwo": r["strength_clip"]}
+    return out
+
+
+def test_ui_export_and_rgthree_prompt_give_the_same_latent(server):
+    ui = json.loads((ROOT / "workflows" / "batch_lora_txt2img.json").read_text())
+    exported = _fresh(ui_to_api(ui, server.get("/object_info").json()), "interop")
+    for node in exported.values():
+        if "filename_prefix" in node["inputs"]:
+            node["inputs"]["filename_prefix"] = "interop/ui"
+    ours = server.read_output_latent(server.queue(exported), main_job.SAVE)
+    rgthree = json.loads(json.dumps(exported))
+    loader = rgthree["2"]["inputs"]
+    rows = {k: loader.pop(k) for k in [k for k in loader if k.startswith("lora_")]}
+    loader.update(rgthree_rows(rows))
+    loader["lora_4"] = {"on": False, "lora": fx.LORA_KOHYA_B, "strength": 3.0, "strengthTwo": None}
+    entry = server.queue(rgthree)
+    assert main_job.SAMPLER not in cached_nodes(entry)
+    assert torch.equal(server.read_output_latent(entry, main_job.SAVE), ours)
+    plain = server.read_output_latent(server.queue(_fresh(main_job.prompt_for("plain"), "interop")), main_job.SAVE)
+    assert not torch.equal(plain, ours)
+
+
+def test_lora_stack_and_tag_outputs(server):
+    """The LORA_STACK output fed to a second loader on the plain model gives the first loader's latent; the tags
+    and the stack are read back through ComfyUI's PreviewAny node."""
+    direct = _fresh(main_job.prompt_for("three_loras"), "stack")
+    first = server.read_output_latent(server.queue(direct), main_job.SAVE)
+    relay = json.loads(json.dumps(direct))
+    relay["12"] = {"class_type": "BatchLoraLoader", "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                                "lora_stack": ["2", 3]}}
+    relay["3"]["inputs"]["clip"] = relay["4"]["inputs"]["clip"] = ["12", 1]
+    relay[main_job.SAMPLER]["inputs"]["model"] = ["12", 0]
+    relay["13"] = {"class_type": "PreviewAny", "inputs": {"source": ["12", 4]}}
+    relay["14"] = {"class_type": "PreviewAny", "inputs": {"source": ["12", 3]}}
+    entry = server.queue(relay)
+    assert main_job.SAMPLER not in cached_nodes(entry)
+    assert torch.equal(server.read_output_latent(entry, main_job.SAVE), first)
+    assert entry["outputs"]["13"]["text"] == ["<lora:kohya_a:1:0.8> <lora:peft_c:0.5:0.6> <lora:kohya_b:0.7:-0.5>"]
+    assert json.loads(entry["outputs"]["14"]["text"][0]) == [list(t) for t in main_job.THREE]
+
+
+def _touched_numel() -> dict:
+    """Elements of the weights the three fixture LoRAs touch, per model, from the fixtures' own manifest."""
+    shapes = {}
+    for info in fx.lora_manifest().values():
+        for m in info.modules:
+            shapes[m.model_key] = m.shape
+    numel = {"BaseModel": [0, 0], "SD1ClipModel": [0, 0]}
+    for key, shape in shapes.items():
+        count = numel["BaseModel" if key.startswith("diffusion_model.") else "SD1ClipModel"]
+        count[0] += 1
+        count[1] += math.prod(shape)
+    return numel
+
+
+def test_status_route_and_progress_while_a_stack_is_applied(server):
+    """After a plain prompt (ComfyUI restores every key), the three-LoRA prompt bakes every touched key again: the
+    status route's numbers and the "progress" websocket events of that bake, checked against the fixtures."""
+    server.queue(_fresh(main_job.prompt_for("plain"), "status"))
+    before = {m["model"]: m for m in server.get("/batch_lora/status").json()["models"]}
+    entry, events = server.queue_with_events(_fresh(main_job.prompt_for("three_loras"), "status"))
+    status = server.get("/batch_lora/status").json()
+    files = [load_file(str(server.base_dir / "models" / "loras" / name)) for name in fx.LORA_NAMES]
+    assert status["lora_file_cache_bytes"] == sum(t.numel() * t.element_size() for f in files for t in f.values())
+    after = {m["model"]: m for m in status["models"]}
+    labels = [f"{n}@{sm:g}/{sc:g}" for n, sm, sc in main_job.THREE]
+    progress = {}
+    for kind, data in events:
+        if kind == "progress":
+            progress.setdefault(data["node"], []).append((data["value"], data["max"]))
+    for model, (keys, numel) in _touched_numel().items():
+        m = after[model]
+        assert m["base_cache"] == {"bytes": 4 * numel, "keys": keys, "dtype": "fp32", "device": "cpu",
+                                   "budget_bytes": None}
+        assert m["applied_stack"] == labels and m["applied_keys"] == keys
+        assert {k: m["last_apply"][k] for k in ("merged", "restored", "unchanged", "stack")} == {
+            "merged": keys, "restored": 0, "unchanged": 0, "stack": labels}
+        assert m["last_apply"]["ms"] > 0
+        counted = {k: m["counters"][k] - before[model]["counters"][k] for k in m["counters"]}
+        # The plain prompt's restores are counted at this load: every key, then every key merged again.
+        assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0, "host_restores": keys}
+        assert before[model]["applied_stack"] == [] and before[model]["applied_keys"] == 0
+        # The bake's progress bar: 1..keys of keys, on the node whose model load triggered it.
+        node = main_job.SAMPLER if model == "BaseModel" else "4"
+        bars = [v for v in progress.get(node, []) if v[1] == keys]
+        assert bars == [(i, keys) for i in range(1, keys + 1)], (model, progress.get(node))
+    log = server.log_tail(20000)
+    for model, (keys, _) in _touched_numel().items():
+        assert f"batch-lora: {model}: {keys} keys merged, 0 restored, 0 unchanged in " in log
+
+
+def test_lora_vs_reset_example_runs_unchanged(server):
+    """workflows/api/batch_lora_vs_reset.json: one graph, the LoRA image, the tags, and the image after Reset
+    Adapters (decoded pixels differ: the stack really was removed on that path)."""
+    prompt = json.loads((ROOT / "workflows" / "api" / "batch_lora_vs_reset.json").read_text())
+    entry = server.queue(prompt)
+    assert entry["outputs"]["9"]["text"] == ["<lora:kohya_a:0.8> <lora:peft_c:0.5:0.6>"]
+    (with_loras,), (after_reset,) = (server.output_files(entry, "images", nid) for nid in ("8", "15"))
+    pixels = [np.asarray(Image.open(p)) for p in (with_loras, after_reset)]
+    assert pixels[0].shape == pixels[1].shape == (64, 64, 3) and not np.array_equal(*pixels)

@@ -7,6 +7,12 @@ import { api } from "../../../scripts/api.js";
 const NODE = "BatchLoraLoader";
 const ROW_H = 24;
 const isRow = (v) => v && typeof v === "object" && "lora" in v;
+const TIPS = {
+  row: "One LoRA. Click the dot to turn it on/off, the name to pick another file from models/loras, the first " +
+    "number for strength_model (UNet), the second for strength_clip (text encoder), \u2715 to remove the row.",
+  add: "Pick a LoRA file from models/loras and add it as a new row.",
+  all: "Turn every row on, or off when all are on.",
+};
 
 async function loraNames() {
   const res = await api.fetchApi("/models/loras");
@@ -22,6 +28,7 @@ function rowWidget(node, value) {
   const w = {
     name: "lora_0",
     type: "batch_lora_row",
+    tooltip: TIPS.row,
     value: { on: true, lora: null, strength_model: 1.0, strength_clip: 1.0, ...value },
     options: {},
     zones: {},
@@ -138,6 +145,7 @@ app.registerExtension({
         pickLora(event || window.event, (name) => addRow(this, { lora: name }));
       });
       add.options.serialize = false;
+      add.tooltip = TIPS.add;
       const all = this.addWidget("button", "Toggle all", null, () => {
         const rs = rows(this);
         const on = !rs.every((w) => w.value.on);
@@ -145,6 +153,7 @@ app.registerExtension({
         this.setDirtyCanvas(true, true);
       });
       all.options.serialize = false;
+      all.tooltip = TIPS.all;
       this.setSize([Math.max(this.size[0], 400), this.size[1]]); // room for file names and both strengths
       return r;
     };

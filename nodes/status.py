@@ -1,0 +1,67 @@
+"""GET /batch_lora/status: what this pack holds and did, per patched model (ComfyUI server route).
+
+Numbers come from the engines themselves (``core.InPlacePatcher``: base cache, counters, last reports), so the
+route, the logs and the tests read one source.
+"""
+from __future__ import annotations
+
+import sys
+
+from .lifecycle import engines
+from .stack import FILES
+
+__all__ = ["status", "register_routes", "ROUTE"]
+
+ROUTE = "/batch_lora/status"
+
+
+def _report(report) -> dict | None:
+    if report is None:
+        return None
+    return {"merged": report.merged, "restored": report.restored, "unchanged": report.unchanged,
+            "ms": round(report.seconds * 1e3, 3), "finished_at": report.finished_at, "stack": list(report.labels)}
+
+
+def status() -> dict:
+    """The status document (JSON-ready).
+
+    ``lora_file_cache_bytes``: parsed LoRA tensors held (one cache shared by all models and nodes).
+    ``models``: one entry per live torch model the pack has loaded (a ComfyUI BaseModel, a text encoder):
+    ``model`` (class name), ``id``, ``base_cache`` (``bytes``, ``keys``, ``dtype`` fp32|native, ``device``,
+    ``budget_bytes``), ``applied_stack`` (``file@strength_model/strength_clip`` labels baked in now, [] at
+    base), ``applied_keys``, ``last_apply`` / ``last_reset`` (keys merged/restored/unchanged, ``ms`` wall time,
+    ``finished_at`` Unix time, ``stack``; null before the first) and ``counters`` (merges, writes, restores,
+    rollbacks, host_restores: running totals; keys ComfyUI restored are counted at the pack's next load).
+    """
+    models = []
+    for engine, live in sorted(engines(), key=lambda item: type(item[0].module).__name__):
+        cache = engine.cache
+        models.append({
+            "model": type(engine.module).__name__,
+            "id": f"{id(engine.module):#x}",
+            "base_cache": {"bytes": cache.nbytes, "keys": len(cache), "dtype": cache.dtype,
+                           "device": None if cache.device is None else str(cache.device),
+                           "budget_bytes": cache.budget_bytes},
+            "applied_stack": list(engine.labels) if live else [],
+            "applied_keys": len(live),
+            "last_apply": _report(engine.last_apply),
+            "last_reset": _report(engine.last_reset),
+            "counters": dict(vars(engine.counters)),
+        })
+    return {"lora_file_cache_bytes": FILES.nbytes, "models": models}
+
+
+def register_routes() -> bool:
+    """Add GET ``ROUTE`` to the running ComfyUI server. Returns False (and does nothing) when the pack is imported
+    without a server (tests, scripts): the ``server`` module is only looked up, never imported here."""
+    server = sys.modules.get("server")
+    instance = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if instance is None:
+        return False
+    from aiohttp import web
+
+    @instance.routes.get(ROUTE)
+    async def batch_lora_status(request):
+        return web.json_response(status())
+
+    return True
