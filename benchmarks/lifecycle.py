@@ -51,7 +51,7 @@ def main(argv=None):
         """The pack's loader on STACK (model strengths scaled)."""
         rows = {f"lora_{i + 1}": {"on": True, "lora": n, "strength_model": sm * strength_scale, "strength_clip": sc}
                 for i, (n, sm, sc) in enumerate(STACK)}
-        m, c, _ = loader.apply(model, clip, **rows)
+        m, c = loader.apply(model, clip, **rows)[:2]
         return m, c
 
     def stock_chain(strength_scale=1.0):

@@ -142,7 +142,7 @@ def main(argv=None):
     def ours(stack):
         rows = {f"lora_{i + 1}": {"on": True, "lora": n, "strength_model": s, "strength_clip": s}
                 for i, (n, s) in enumerate(stack)}
-        m, c, _ = pack.apply(model, clip, **rows)
+        m, c = pack.apply(model, clip, **rows)[:2]
         return m, c
 
     def stock(stack):

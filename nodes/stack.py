@@ -29,6 +29,12 @@ __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "M
 FILES = LoraFileCache()
 """The parsed-LoRA cache shared by every node of this pack."""
 
+TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "lora_prior_te")
+"""Tensor-name prefixes of text-encoder modules in the naming schemes ComfyUI's clip key map reads
+(comfy/lora.py ``model_lora_keys_clip``: kohya ``lora_te_/lora_te1_/lora_te2_/lora_te3_``, diffusers/PEFT
+``text_encoder./text_encoder_2.``, ``text_encoders.``, Cascade ``lora_prior_te_``); used only to tell "no CLIP
+connected" apart from "unmatched" in the report."""
+
 MAX_STRENGTH = 100.0
 """Strengths beyond +-MAX_STRENGTH are rejected as input mistakes (a real LoRA is used at |s| <= ~5)."""
 
@@ -58,7 +64,8 @@ class LoraEntry:
 class LoraMatch:
     """What one LoRA file matched: the architecture its keys were mapped for (the model's ComfyUI model_config
     class, e.g. ``SD15``, ``SDXL``), weight keys mapped to the UNet / text encoder, keys per format (``lora``,
-    ``loha``, ``lokr``, ``diff``, ``dora``), and the file's tensors left unmatched (names)."""
+    ``loha``, ``lokr``, ``diff``, ``dora``), the file's tensors left unmatched (names), and text-encoder tensors
+    skipped because no CLIP is connected (count)."""
 
     entry: LoraEntry
     arch: str = "?"
@@ -66,6 +73,7 @@ class LoraMatch:
     clip_keys: int = 0
     kinds: Counter = field(default_factory=Counter)
     unmatched: list[str] = field(default_factory=list)
+    skipped: int = 0
 
     def line(self, limit: int | None = 20) -> str:
         """One report line, e.g. ``style.safetensors  model 0.8 clip 1  unet 24 keys, clip 12 keys, 0 unmatched
@@ -75,6 +83,8 @@ class LoraMatch:
         text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
                 f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched  (for {self.arch}"
                 f"{'; ' + kinds if kinds else ''})")
+        if self.skipped:
+            text += f", {self.skipped} text-encoder tensors skipped (no CLIP connected)"
         if self.unmatched:
             shown = self.unmatched if limit is None else self.unmatched[:limit]
             more = len(self.unmatched) - len(shown)
@@ -196,7 +206,9 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         ident = FILES.identity(path)
         mapped, unmatched = FILES.derived(path, ("mapping", maps_id),
                                           lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map))
-        match = LoraMatch(entry, arch=arch, unmatched=unmatched)
+        skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
+        match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
+                          skipped=len(skipped))
         for key, factors, in_unet in mapped:
             target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
             factors.check(key, tuple(engine_for(target.model, target.offload_device).target(key).param.shape))

@@ -73,3 +73,14 @@ def weights(patcher, keys=None) -> dict[str, torch.Tensor]:
 def same_weights(patcher, expected: dict[str, torch.Tensor], keys=None) -> bool:
     """Whether the live weights (``keys``, or all but ``UNINITIALISED``) are bit-identical to ``expected``."""
     return all(same_bits(v, expected[k]) for k, v in weights(patcher, keys).items())
+
+
+def row(name: str, sm: float = 1.0, sc: float = 1.0, on: bool = True) -> dict:
+    """One Batch LoRA Loader row as API JSON carries it."""
+    return {"on": on, "lora": name, "strength_model": sm, "strength_clip": sc}
+
+
+def run_loader(h: SimpleNamespace, model, clip, *rows: dict, lora_stack=None):
+    """The Batch LoRA Loader's (MODEL, CLIP, report) for these rows (``lora_1``, ``lora_2``, ... in order)."""
+    kwargs = {f"lora_{i + 1}": r for i, r in enumerate(rows)}
+    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack, **kwargs)[:3]

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
-from comfy_host import load, load_checkpoint, same_weights, weights
+from comfy_host import load, load_checkpoint, row, run_loader, same_weights, weights
 
 pytestmark = pytest.mark.host
 
@@ -20,13 +20,6 @@ A, B, C = fx.LORA_KOHYA_A, fx.LORA_KOHYA_B, fx.LORA_PEFT_C
 BAD = "robust"  # subfolder of models/loras holding this module's files
 
 
-def row(name, sm=1.0, sc=1.0, on=True):
-    return {"on": on, "lora": name, "strength_model": sm, "strength_clip": sc}
-
-
-def run_loader(h, model, clip, *rows, lora_stack=None):
-    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack,
-                                          **{f"lora_{i + 1}": r for i, r in enumerate(rows)})
 
 
 def header_file(header, data=b"", length=None) -> bytes:

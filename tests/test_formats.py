@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
-from comfy_host import load, load_checkpoint
+from comfy_host import load, load_checkpoint, row, run_loader
 from oracle import beyond_one_rounding, beyond_one_step
 
 pytestmark = pytest.mark.host
@@ -32,12 +32,6 @@ FORMATS = fx.format_manifest()
 EPS = torch.finfo(torch.float32).eps  # LyCORIS/ComfyUI add it to DoRA's norm
 
 
-def row(name, sm=1.0, sc=1.0):
-    return {"on": True, "lora": name, "strength_model": sm, "strength_clip": sc}
-
-
-def run_loader(h, model, clip, *rows):
-    return h.pack.BatchLoraLoader().apply(model, clip, **{f"lora_{i + 1}": r for i, r in enumerate(rows)})
 
 
 def _tucker(t, a, b):
@@ -246,6 +240,12 @@ def test_report_lists_architecture_formats_and_unmatched(comfy_host, fixtures_di
     assert lines[2] == f"{fx.LORA_DORA}  model 1 clip 1  unet 5 keys, clip 1 keys, 0 unmatched  (for SD15; dora 6)"
     logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert "batch-lora: " + head + ", ".join(sorted(junk)) in logged  # the log names all of them
+    # Without a CLIP, the file's text-encoder tensors are skipped, not "unmatched".
+    _, _, report = run_loader(h, model, None, row(fx.LORA_DORA))
+    te = sum(1 for k in load_file(str(loras / fx.LORA_DORA)) if k.startswith("lora_te"))
+    assert te > 0
+    assert report.split("\n")[1] == (f"{fx.LORA_DORA}  model 1 clip 1  unet 5 keys, clip 0 keys, 0 unmatched  "
+                                     f"(for SD15; dora 5), {te} text-encoder tensors skipped (no CLIP connected)")
 
 
 def test_mixed_stack_equals_oracle_and_stock_chain_with_dora_first(comfy_host, fixtures_dir):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as fx
-from comfy_host import load, load_checkpoint, same_weights, weights
+from comfy_host import load, load_checkpoint, row, run_loader, same_weights, weights
 from oracle import beyond_one_rounding, beyond_one_step, ulp
 
 pytestmark = pytest.mark.host
@@ -16,14 +16,6 @@ A, B, C = fx.LORA_KOHYA_A, fx.LORA_KOHYA_B, fx.LORA_PEFT_C
 MANIFEST = fx.lora_manifest()
 
 
-def row(name, sm=1.0, sc=1.0, on=True):
-    return {"on": on, "lora": name, "strength_model": sm, "strength_clip": sc}
-
-
-def run_loader(h, model, clip, *rows, lora_stack=None):
-    """The loader's (MODEL, CLIP, report) for these rows."""
-    kwargs = {f"lora_{i + 1}": r for i, r in enumerate(rows)}
-    return h.pack.BatchLoraLoader().apply(model, clip, lora_stack=lora_stack, **kwargs)[:3]
 
 
 def oracle(fixtures_dir, stack):

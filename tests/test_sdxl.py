@@ -104,7 +104,7 @@ def test_sdxl_key_maps_report_and_merge(comfy_host, fixtures_dir, sdxl):
     base = {key: param(key).detach().clone() for key in {**KOHYA, **PEFT}.values()}
     rows = {f"lora_{i + 1}": {"on": True, "lora": n, "strength_model": sm, "strength_clip": sc}
             for i, (n, (_, _, sm, sc)) in enumerate(files.items())}
-    out_m, out_c, report = h.pack.BatchLoraLoader().apply(model, clip, **rows)
+    out_m, out_c, report = h.pack.BatchLoraLoader().apply(model, clip, **rows)[:3]
     assert report.split("\n")[1:] == [
         "sdxl_kohya.safetensors  model 0.8 clip 0.6  unet 2 keys, clip 3 keys, 0 unmatched  (for SDXL; lora 5)",
         "sdxl_peft.safetensors  model -0.7 clip 1.3  unet 3 keys, clip 2 keys, 0 unmatched  (for SDXL; lora 5)"]
