@@ -31,7 +31,7 @@ def status() -> dict:
     ``budget_bytes``), ``applied_stack`` (``file@strength_model/strength_clip`` labels baked in now, [] at
     base), ``applied_keys``, ``last_apply`` / ``last_reset`` (keys merged/restored/unchanged, ``ms`` wall time,
     ``finished_at`` Unix time, ``stack``; null before the first) and ``counters`` (merges, writes, restores,
-    rollbacks, host_restores: running totals; keys ComfyUI restored are counted at the pack's next load).
+    rollbacks, moves, host_restores: running totals, see ``core.Counters``; keys ComfyUI restored are counted at the pack's next load).
     """
     models = []
     for engine, live in sorted(engines(), key=lambda item: type(item[0].module).__name__):
