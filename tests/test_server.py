@@ -227,7 +227,8 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
         assert m["last_apply"]["ms"] > 0
         counted = {k: m["counters"][k] - before[model]["counters"][k] for k in m["counters"]}
         # The plain prompt's restores are counted at this load: every key, then every key merged again.
-        assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0, "host_restores": keys}
+        assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0, "moves": 0,
+                           "host_restores": keys}
         assert before[model]["applied_stack"] == [] and before[model]["applied_keys"] == 0
         # The bake's progress bar: 1..keys of keys, on the node whose model load triggered it.
         node = main_job.SAMPLER if model == "BaseModel" else "4"
