@@ -1,7 +1,8 @@
 """The pack in ComfyUI's real frontend (1.32.9, served by the real server), driven in headless Chromium from
 Debian's package by Playwright, as a user would: add the Batch LoRA Loader from the node library, pick two LoRAs
 from its dropdown, toggle a row, open each example workflow from the template browser (no missing-nodes
-dialog), compare the frontend's own API export with workflows/api/, queue it and see the output image.
+dialog), compare the frontend's own API export with workflows/api/, queue it and see the output image; drop each
+API-format twin on the canvas and get the same rows back.
 
 Screenshots go to ``.work/browser/``; with BATCH_LORA_UPDATE_SCREENSHOTS=1 they also replace the README's
 (``docs/``) and the template thumbnails (``workflows/<name>.jpg``).
@@ -206,3 +207,25 @@ def test_example_workflow_from_template_browser_runs(page, server, workflow):
     assert page.errors == []
     thumb = server.get(f"/api/workflow_templates/{PACK_LINK_NAME}/{name}.jpg")  # what the template browser shows
     assert thumb.status_code == 200 and thumb.content[:3] == b"\xff\xd8\xff", f"workflows/{name}.jpg is missing"
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_api_json_dropped_on_canvas_keeps_rows(page, workflow):
+    """An API-format prompt file dropped on the canvas (app.handleFile -> app.loadApiJson) rebuilds every loader
+    row, so the frontend's API export of the loaded graph is the file again."""
+    api_file = ROOT / "workflows" / "api" / workflow.name
+    page.evaluate("app.graph.clear()")
+    page.evaluate("""([text, name]) => app.handleFile(new File([text], name, {type: 'application/json'}))""",
+                  [api_file.read_text(), api_file.name])
+    api = json.loads(api_file.read_text())
+    page.wait_for_function("n => app.graph._nodes.length === n", arg=len(api), timeout=30_000)
+    expect(page.locator(".p-dialog")).to_have_count(0)
+    expected = {k: [v["inputs"][n] for n in sorted((n for n in v["inputs"] if n.startswith("lora_")),
+                                                   key=lambda n: int(n[5:]))]
+                for k, v in api.items() if v["class_type"] == "BatchLoraLoader"}
+    assert expected and all(expected.values())  # the file has loaders with rows
+    assert {str(n["id"]): n["rows"] for n in loaders(page)} == expected
+    exported = page.evaluate("app.graphToPrompt().then(p => p.output)")
+    assert {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in exported.items()} == {
+        k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    assert page.errors == []

@@ -7,6 +7,7 @@ import { api } from "../../../scripts/api.js";
 const NODE = "BatchLoraLoader";
 const ROW_H = 24;
 const isRow = (v) => v && typeof v === "object" && "lora" in v;
+let apiPrompt = null; // the API prompt app.loadApiJson is loading, while it runs
 const TIPS = {
   row: "One LoRA. Click the dot to turn it on/off, the name to pick another file from models/loras, the first " +
     "number for strength_model (UNet), the second for strength_clip (text encoder), \u2715 to remove the row.",
@@ -136,6 +137,20 @@ function removeRow(node, w) {
 
 app.registerExtension({
   name: "comfyui-batch-lora.BatchLoraLoader",
+  setup() {
+    // An API-format JSON dropped on the canvas goes through app.loadApiJson, which sets each input only on a
+    // widget of that name that already exists. Rows exist per entry, so each loader makes its rows as it is
+    // added to the graph (onAdded, below), before that assignment.
+    const loadApiJson = app.loadApiJson;
+    app.loadApiJson = function (prompt) {
+      apiPrompt = prompt;
+      try {
+        return loadApiJson.apply(this, arguments);
+      } finally {
+        apiPrompt = null;
+      }
+    };
+  },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
     const onNodeCreated = nodeType.prototype.onNodeCreated;
@@ -155,6 +170,16 @@ app.registerExtension({
       all.options.serialize = false;
       all.tooltip = TIPS.all;
       this.setSize([Math.max(this.size[0], 400), this.size[1]]); // room for file names and both strengths
+      return r;
+    };
+    const onAdded = nodeType.prototype.onAdded;
+    nodeType.prototype.onAdded = function () {
+      const r = onAdded?.apply(this, arguments);
+      const inputs = apiPrompt?.[this.id]?.inputs ?? {};
+      const names = Object.keys(inputs).filter((k) => /^lora_\d+$/.test(k) && isRow(inputs[k]));
+      names.sort((a, b) => a.slice(5) - b.slice(5));
+      // The prompt's entry becomes the row's own value (defaults filled in), which loadApiJson then assigns.
+      for (const k of names) inputs[k] = addRow(this, inputs[k]).value;
       return r;
     };
     const configure = nodeType.prototype.configure;
