@@ -3,7 +3,5 @@
 # this pack, 300 queued prompts, a drift report).   bash scripts/main_job.sh [--runs N] [--naive-cycles N]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-env_lines="$(bash "$root/scripts/setup_host.sh")"
-PYTHON="$(sed -n 's/^PYTHON=//p' <<<"$env_lines")"
-export COMFYUI_PATH="$(sed -n 's/^COMFYUI_PATH=//p' <<<"$env_lines")"
+source "$root/scripts/host_env.sh"
 exec "$PYTHON" "$root/scripts/main_job.py" "$@"

@@ -4,7 +4,5 @@
 # server's RSS is sampled.   bash scripts/soak.sh [--n N] [--seed S] [--stacks K] [--work DIR]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-env_lines="$(bash "$root/scripts/setup_host.sh")"
-PYTHON="$(sed -n 's/^PYTHON=//p' <<<"$env_lines")"
-export COMFYUI_PATH="$(sed -n 's/^COMFYUI_PATH=//p' <<<"$env_lines")"
+source "$root/scripts/host_env.sh"
 exec "$PYTHON" "$root/scripts/soak.py" "$@"

@@ -3,8 +3,6 @@
 #   bash scripts/test.sh [pytest args...]
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-env_lines="$(bash "$root/scripts/setup_host.sh")"
-PYTHON="$(sed -n 's/^PYTHON=//p' <<<"$env_lines")"
-export COMFYUI_PATH="$(sed -n 's/^COMFYUI_PATH=//p' <<<"$env_lines")"
+source "$root/scripts/host_env.sh"
 cd "$root"
 exec "$PYTHON" -m pytest -ra "$@"
