@@ -151,10 +151,15 @@ def settle_prompt() -> tuple:
 
 
 def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | None = None,
-             bad_share: float = 0.03, log_every: int = 100, threads: int | None = 1) -> dict:
+             bad_share: float = 0.03, log_every: int = 100, threads: int | None = 1,
+             mmap_threshold: int | None = None) -> dict:
     """Queue ``n`` prompts (plus two settle prompts) on a fresh server over ``work`` (fixtures are generated
     there) and check them. ``threads``: the server's OMP_NUM_THREADS (None: torch's default); one thread keeps a
-    long soak steady on a machine whose cores other work shares.
+    long soak steady on a machine whose cores other work shares. ``mmap_threshold`` (bytes): the server's
+    glibc MALLOC_MMAP_THRESHOLD_ (None: glibc's dynamic default). glibc raises its threshold each time a large
+    block is freed, so after a ``free_cache`` reset the rebuilt base cache (~340 MB) may stay in the heap and
+    RSS moves by up to ~80 MB between runs of the same seeded sequence; a fixed threshold hands freed tensors
+    back to the OS, so RSS follows live memory within a few MB (README, Robustness).
 
     Every ``log_every`` prompts the report so far goes to WORK/soak_progress.json (and a line to stdout).
     Returns the report dict: prompts, counts (per kind; queued; compared: outputs checked against an earlier
@@ -220,6 +225,8 @@ def run_soak(work: Path, n: int, seed: int = 0, stacks: int = 24, warmup: int | 
         rss["max"] = max(rss["max"], server.rss_bytes())
 
     env = {} if threads is None else {"OMP_NUM_THREADS": str(threads)}
+    if mmap_threshold is not None:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
     with PatientServer(work, extra_args=["--fp16-unet"], env=env, startup_timeout=900) as server:
         rss["start"] = rss["max"] = server.rss_bytes()
         t0 = time.perf_counter()
@@ -269,12 +276,15 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=None, help="prompts before the warm-up RSS sample (n // 10)")
     ap.add_argument("--rss-limit-mb", type=float, default=50.0, help="max RSS growth after warm-up")
     ap.add_argument("--threads", type=int, default=1, help="server OMP_NUM_THREADS (0: torch's default)")
+    ap.add_argument("--mmap-threshold", type=int, default=None,
+                    help="server MALLOC_MMAP_THRESHOLD_ in bytes (default: glibc's dynamic threshold)")
     ap.add_argument("--work", type=Path, default=ROOT / ".work" / "soak", help="server base directory")
     args = ap.parse_args(argv)
     print(f"soak: {args.n} prompts on a real ComfyUI server (--cpu --fp16-unet, {args.threads or 'default'} "
           f"threads), seed {args.seed}, "
           f"{args.stacks} stacks, work {args.work}", flush=True)
-    report = run_soak(args.work, args.n, args.seed, args.stacks, args.warmup, threads=args.threads or None)
+    report = run_soak(args.work, args.n, args.seed, args.stacks, args.warmup, threads=args.threads or None,
+                      mmap_threshold=args.mmap_threshold)
     failed = failures(report, args.rss_limit_mb)
     report["failures"] = failed
     path = args.work.resolve() / "soak_report.json"
