@@ -11,8 +11,8 @@ from .cache import BaseCache, CacheBudgetError
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError
 from .fuse import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LohaFactors, LokrFactors, Term,
-                   fuse_into, fused_weight)
+                   fuse_into, fused_weight, surely_finite)
 
 __all__ = ["Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher",
            "LoraFileCache", "LoraFileError", "FuseError", "LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors",
-           "DoraFactors", "Factors", "Term", "fuse_into", "fused_weight"]
+           "DoraFactors", "Factors", "Term", "fuse_into", "fused_weight", "surely_finite"]

@@ -21,13 +21,14 @@ runs in row blocks (``fuse_into``) so only the base and the weight cross main me
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
 __all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "Factors", "Term",
-           "fused_weight", "fuse_into", "FuseError"]
+           "fused_weight", "fuse_into", "surely_finite", "FuseError"]
 
 
 class FuseError(ValueError):
@@ -43,6 +44,22 @@ def _inner(shape) -> int:
     for dim in shape[1:]:
         n *= dim
     return n
+
+
+def _absmax(t: torch.Tensor, dim=None) -> torch.Tensor:
+    t = t.detach().float().abs()
+    return t.amax() if dim is None else t.amax(dim)
+
+
+def _lowrank_bound(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = None) -> float:
+    """An upper bound on ``max|a @ b|`` (``a`` ``[out, r]``, ``b`` ``[r, in...]``): ``sum_k max|a[:, k]| *
+    max|b[k]|``; with a Tucker core ``t`` ``[r, r, kh, kw]`` (``a`` ``[r, out]``, LyCORIS layout) the bound of
+    ``einsum("ijyx,jc,ip->pcyx", t, b, a)``: ``sum_ij max|t[i, j]| * max|b[j]| * max|a[i]|``."""
+    b_rows = _absmax(b.flatten(1), 1)
+    if t is None:
+        return float((_absmax(a.flatten(1), 0) * b_rows).sum())
+    t_max = _absmax(t.flatten(2), 2)
+    return float((t_max * b_rows[None, :] * _absmax(a.flatten(1), 1)[:, None]).sum())
 
 
 def _check(factors, key: str, shape: tuple[int, ...], what: str) -> None:
@@ -123,6 +140,10 @@ class LoraFactors:
         up, down = ctx
         return up[r0:r1] @ down
 
+    def bound(self, base_absmax: float) -> float:
+        """An upper bound on ``max|delta|`` at strength 1 (``base_absmax`` unused)."""
+        return abs(self.scale) * _lowrank_bound(self.up, self.down)
+
 
 @dataclass(frozen=True, eq=False)
 class LohaFactors:
@@ -183,6 +204,11 @@ class LohaFactors:
             m1 = torch.einsum("ijyx,jc,ip->pcyx", t1, w1b, w1a[:, r0:r1]).flatten(1)
             m2 = torch.einsum("ijyx,jc,ip->pcyx", t2, w2b, w2a[:, r0:r1]).flatten(1)
         return m1.mul_(m2).mul_(self.scale)
+
+    def bound(self, base_absmax: float) -> float:
+        """An upper bound on ``max|delta|`` at strength 1: the product of both factors' bounds."""
+        return (abs(self.scale) * _lowrank_bound(self.w1_a, self.w1_b, self.t1)
+                * _lowrank_bound(self.w2_a, self.w2_b, self.t2))
 
 
 @dataclass(frozen=True, eq=False)
@@ -255,6 +281,17 @@ class LokrFactors:
         o2 = w2.shape[0]
         return (w1[rows // o2][:, :, None] * w2[rows % o2][:, None, :]).flatten(1).mul_(self.scale)
 
+    def bound(self, base_absmax: float) -> float:
+        """An upper bound on ``max|delta|`` at strength 1: ``max|w1| * max|w2|``, each bounded from its factors."""
+        w1 = float(_absmax(self.w1)) if self.w1 is not None else _lowrank_bound(self.w1_a, self.w1_b)
+        if self.w2 is not None:
+            w2 = float(_absmax(self.w2))
+        elif self.t2 is None:
+            w2 = _lowrank_bound(self.w2_a, self.w2_b)
+        else:
+            w2 = _lowrank_bound(self.w2_a, self.w2_b, self.t2)
+        return abs(self.scale) * w1 * w2
+
 
 @dataclass(frozen=True, eq=False)
 class DiffFactors:
@@ -283,6 +320,10 @@ class DiffFactors:
     def delta_rows(self, ctx, base_rows: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of the diff, float32."""
         return _f32(ctx[r0:r1], base_rows.device)
+
+    def bound(self, base_absmax: float) -> float:
+        """``max|diff|``."""
+        return float(_absmax(self.diff))
 
 
 EPS = torch.finfo(torch.float32).eps
@@ -351,12 +392,29 @@ class DoraFactors:
             factor = _f32(self.magnitude, v.device).flatten()[r0:r1, None] / (v.norm(dim=1, keepdim=True) + EPS)
         return v.mul_(factor).sub_(base_rows)
 
+    def bound(self, base_absmax: float) -> float:
+        """An upper bound on ``max|W' - W0|`` at strength 1: ``max|m| + max|W0|`` (every element of ``V`` is at
+        most the norm it is divided by)."""
+        return float(_absmax(self.magnitude)) + base_absmax
+
 
 Factors = Union[LoraFactors, LohaFactors, LokrFactors, DiffFactors, DoraFactors]
 
 Term = tuple[float, Factors]
 """``(strength, factors)``: one LoRA's contribution to one weight key; strength is strength_model or
 strength_clip (dimensionless)."""
+
+
+def surely_finite(base_absmax: float, terms: Sequence[Term], dtype: torch.dtype) -> bool:
+    """Whether ``round_to(dtype)(base + sum_i s_i * delta_i)`` is surely finite, from bounds alone (no merge):
+    ``base_absmax + sum_i |s_i| * bound_i <= max(dtype) / 2`` (each factor set's ``bound``; the margin absorbs
+    float32 rounding). False means "not proven" (check by merging), not "overflows".
+
+    Args:
+        base_absmax: ``max|W0|`` of the key's base weight. terms: the key's terms. dtype: the weight's dtype.
+    """
+    total = base_absmax + sum(abs(float(s)) * f.bound(base_absmax) for s, f in terms)
+    return math.isfinite(total) and total <= 0.5 * torch.finfo(dtype).max
 
 
 def _non_finite(key: str) -> FuseError:
@@ -397,9 +455,13 @@ class _Merge:
 def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> torch.Tensor:
     """Compute ``round_to(dtype)(base + sum_i s_i * delta_i)`` for one weight key, out of place.
 
+    The same row-blocked pass as ``fuse_into`` (one code path, so an out-of-place result and an in-place write of
+    the same stack on the same device are equal bit for bit).
+
     Args:
         key:   the weight key (for error messages).
-        base:  float32 base weight ``[out, *in_dims]`` (any device; the result is on the same device).
+        base:  base weight ``[out, *in_dims]``, float32 or any float dtype (upcast per block; any device, the
+               result is on the same device).
         terms: the stack's terms for this key (must not be empty).
         dtype: the model weight's dtype; the fp32 sum is rounded to it exactly once (round-to-nearest-even).
     Returns:
@@ -408,15 +470,9 @@ def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: tor
         FuseError: if a factor's shape does not match ``base`` or the result has NaN/Inf (in fp32 or after
             rounding, e.g. fp16 overflow).
     """
-    merge = _Merge(key, base, terms, base.device)
-    rows = merge.base.shape[0]
-    out = merge.rows(0, rows, torch.empty(merge.base.shape, dtype=torch.float32, device=base.device))
-    out = out.reshape(base.shape).to(dtype)
-    # One reduction instead of an elementwise isfinite: any NaN/Inf (also fp16 overflow in the rounding) makes
-    # the fp32 sum non-finite, and a sum of finite weights cannot reach fp32's range.
-    if not bool(torch.isfinite(out.sum(dtype=torch.float32))):
-        raise _non_finite(key)
-    return out.contiguous()
+    out = torch.empty(base.shape, dtype=dtype, device=base.device)
+    _fuse_blocks(key, out, base, terms)
+    return out
 
 
 def _square_limit(dtype: torch.dtype) -> float:
@@ -426,7 +482,7 @@ def _square_limit(dtype: torch.dtype) -> float:
     return (0.5 * min(torch.finfo(dtype).max, 1e18)) ** 2
 
 
-def _surely_finite(block32: torch.Tensor, limit: float) -> bool:
+def _block_finite(block32: torch.Tensor, limit: float) -> bool:
     """True when the contiguous float32 ``block32`` is finite and fits ``limit`` (see ``_square_limit``); one
     vectorised dot product, ~2.5x cheaper than summing the rounded block. False means "check exactly": a NaN/Inf
     makes the dot NaN/Inf, and a legitimately large weight only costs the exact check."""
@@ -446,9 +502,9 @@ GEMM rate: for a 1280 x 11520 conv weight and R = 512 (8 LoRAs of rank 64) 22-ro
 def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
     """Write ``round_to(param.dtype)(base + sum_i s_i * delta_i)`` into ``param`` in place.
 
-    The same numbers as ``fused_weight``, computed in row blocks (``BLOCK_ELEMENTS``, ``BLOCK_MIN_ROWS``) so that
-    mostly the base (read) and the weight (written) cross main memory; a non-contiguous weight (e.g.
-    channels_last) is written in one piece.
+    Computed in row blocks (``BLOCK_ELEMENTS``, ``BLOCK_MIN_ROWS``) so that mostly the base (read) and the weight
+    (written) cross main memory; a non-contiguous weight (e.g. channels_last) gets ``fused_weight``'s result in
+    one copy.
 
     Args:
         key: the weight key (for error messages).
@@ -460,9 +516,15 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
             partly written and the caller must restore it.
     """
     data = param.data
-    if not data.is_contiguous():
-        data.copy_(fused_weight(key, base.to(data.device, torch.float32), terms, data.dtype))
-        return
+    if data.is_contiguous():
+        _fuse_blocks(key, data, base, terms)
+    else:
+        data.copy_(fused_weight(key, base.to(data.device), terms, data.dtype))
+
+
+def _fuse_blocks(key: str, data: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
+    """The merge itself: row blocks of ``base + terms`` in float32, each rounded into the contiguous ``data``
+    and screened for NaN/Inf (``FuseError``, ``data`` then partly written)."""
     merge = _Merge(key, base, terms, data.device)
     out_rows = data.shape[0]
     flat = data.view(out_rows, -1)
@@ -473,5 +535,5 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
         r1 = min(out_rows, r0 + step)
         block, out = flat[r0:r1], merge.rows(r0, r1, scratch[: r1 - r0])
         block.copy_(out)
-        if not _surely_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
+        if not _block_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

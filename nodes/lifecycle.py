@@ -28,6 +28,7 @@ import comfy.model_management
 import comfy.utils
 from comfy.patcher_extension import CallbacksMP
 
+from . import dynamic
 from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
                     wrapper_kind)
 
@@ -111,6 +112,10 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
     clone = patcher.clone()
     if not clone.get_callbacks(CallbacksMP.ON_LOAD, KEY):  # clones inherit it; one call per load is enough
         clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    if dynamic.is_dynamic(clone):  # the stack rides ComfyUI's own patch list there (see nodes/dynamic.py)
+        dynamic.set_patches(clone, plan)
+        if not clone.get_callbacks(CallbacksMP.ON_CLONE, KEY):
+            clone.add_callback_with_key(CallbacksMP.ON_CLONE, KEY, dynamic.on_clone)
     clone.attachments.pop(RELEASE_KEY, None)
     if not plan:
         clone.attachments.pop(KEY, None)
@@ -189,8 +194,13 @@ def check_not_frozen(patcher, plan: Mapping[str, Sequence[Term]], node: str) -> 
 
 
 def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
-    """CallbacksMP.ON_LOAD: bring this model's weights to ``base + stack`` after ComfyUI baked its own patches."""
+    """CallbacksMP.ON_LOAD: bring this model's weights to ``base + stack`` after ComfyUI baked its own patches (the
+    classic patcher), or just record the stack (the dynamic patcher: ComfyUI evaluates the ``PackPatch`` entries
+    when each layer runs)."""
     spec = stack_of(patcher)
+    if dynamic.is_dynamic(patcher):
+        dynamic.note_load(patcher, spec.labels if spec is not None else (), len(spec.plan) if spec else 0)
+        return
     engine = engine_for(patcher.model, patcher.offload_device, create=spec is not None)
     if engine is None:
         return

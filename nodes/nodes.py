@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from .dynamic import check_finite, is_dynamic
 from .lifecycle import check_not_frozen, describe, release_caches, stack_of, with_stack
 from .stack import FILES, ROW_SHAPES, build_plans, lora_path, parse_entries
 
@@ -42,6 +43,8 @@ def _stacked(patcher, plan: dict, signature: str, labels: list[str], node: str):
         plan = _merge(spec.plan, plan)
         signature = f"{spec.signature}||{signature}"
         labels = list(spec.labels) + labels
+    if is_dynamic(patcher):
+        check_finite(patcher, plan, node)
     return with_stack(patcher, plan, signature, labels, node=node)
 
 

@@ -21,8 +21,7 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..core import (DiffFactors, DoraFactors, Factors, LoraFactors, LoraFileCache, LoraFileError, LohaFactors,
-                    LokrFactors)
-from .lifecycle import engine_for
+                    LokrFactors, resolve)
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
 
@@ -211,7 +210,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
                           skipped=len(skipped))
         for key, factors, in_unet in mapped:
             target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
-            factors.check(key, tuple(engine_for(target.model, target.offload_device).target(key).param.shape))
+            factors.check(key, tuple(resolve(target.model, key).param.shape))
             if strength != 0.0:
                 (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
             match.kinds[_KINDS[type(factors)]] += 1

@@ -57,6 +57,15 @@ def default_comfy_path() -> Path:
     return Path(os.environ.get("COMFYUI_PATH") or REPO_ROOT / ".comfyui")
 
 
+def host_version(comfy_path=None) -> tuple:
+    """The ComfyUI release of a tree (``comfyui_version.py``), e.g. ``(0, 3, 75)``; ``(0,)`` when it has none."""
+    text = (Path(comfy_path or default_comfy_path()) / "comfyui_version.py")
+    for line in text.read_text().splitlines() if text.is_file() else ():
+        if line.startswith("__version__"):
+            return tuple(int(x) for x in line.split("=")[1].strip().strip("\"'").split("."))
+    return (0,)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import main_job
 import make_fixtures as fx
-from comfy_server import ComfyServer, PromptError, cached_nodes
+from comfy_server import ComfyServer, PromptError, cached_nodes, host_version
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,10 +232,13 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
         assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0, "moves": 0,
                            "host_restores": keys if model in before else 0}
         assert was["applied_stack"] == [] and was["applied_keys"] == 0
-        # The bake's progress bar: 1..keys of keys, on the node whose model load triggered it.
+        # The bake's progress bar, on the node whose model load triggered it: 1..keys of keys (ComfyUI 0.33
+        # throttles ProgressBar.update_absolute to >= 100 ms and >= 0.5 % steps, always sending the first and the
+        # last: then a rising subsequence from 1 to keys).
         node = main_job.SAMPLER if model == "BaseModel" else "4"
-        bars = [v for v in progress.get(node, []) if v[1] == keys]
-        assert bars == [(i, keys) for i in range(1, keys + 1)], (model, progress.get(node))
+        done = [v[0] for v in progress.get(node, []) if v[1] == keys]
+        assert done[0] == 1 and done[-1] == keys and done == sorted(set(done)), (model, progress.get(node))
+        assert len(done) == keys or host_version() > (0, 3, 75), (model, done)  # 0.3.75 sends every key
     log = server.log_tail(20000)
     for model, (keys, _) in _touched_numel().items():
         assert f"batch-lora: {model}: {keys} keys merged, 0 restored, 0 unchanged in " in log
