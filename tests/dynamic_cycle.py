@@ -49,10 +49,13 @@ import dynamic_sim as sim  # noqa: E402
 import make_fixtures as fx  # noqa: E402
 import pack_alias  # noqa: E402
 from comfy_host import UNINITIALISED  # noqa: E402
+from soak import OVERFLOW_LORA, make_overflow_lora  # noqa: E402
 from oracle import same_bits  # noqa: E402
 
 pack_alias.register()
 pack = importlib.import_module("batch_lora.nodes.nodes")
+FuseError = importlib.import_module("batch_lora.core").FuseError
+PackPatch = importlib.import_module("batch_lora.nodes.dynamic").PackPatch
 comfy_nodes = importlib.import_module("nodes")  # ComfyUI's own top-level nodes module
 LORAS = [fx.LORA_KOHYA_A, fx.LORA_KOHYA_B, fx.LORA_PEFT_C, fx.LORA_LOHA, fx.LORA_LOKR, fx.LORA_DIFF, "dora.safetensors"]
 STRENGTHS = [-1.0, -0.5, 0.3, 0.6, 0.8, 1.0, 1.3]
@@ -134,6 +137,8 @@ def main(argv=None) -> int:
         folder_paths.folder_names_and_paths[kind] = ([str(args.base / "models" / kind)],
                                                      folder_paths.supported_pt_extensions)
     ckpt = str(args.base / "models" / "checkpoints" / fx.CHECKPOINT_NAME)
+    if not (args.base / "models" / "loras" / OVERFLOW_LORA).is_file():
+        make_overflow_lora(args.base)
     if args.mapped:
         with sim.mapped_load():
             dyn = comfy.sd.load_checkpoint_guess_config(ckpt, output_vae=False)[:2]
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
     bases = [snapshot(dyn[0].model), snapshot(dyn[1].cond_stage_model)]
     rng = random.Random(args.seed)
     summary = {"steps": 0, "loads": 0, "mapped": args.mapped, "kinds": {}, "differing": [], "plain_or_reset_off": [],
-               "clip_checked": 0, "evictions": 0, "sampled": []}
+               "clip_checked": 0, "evictions": 0, "sampled": [], "bad_rejected": [], "demoted": []}
     previous = None  # (stack, classic outputs, dynamic outputs)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -155,6 +160,16 @@ def main(argv=None) -> int:
             kind = rng.choice(["stack"] * 4 + ["edit", "chain", "plain", "reset", "evict"]) if previous else "stack"
             if with_clip and kind in ("chain", "reset", "evict") and previous[1][1] is None:
                 kind = "stack"  # those reuse the previous step's outputs, which have no text encoder
+            if step % 50 == 25:
+                kind = "demote"
+            elif step % 50 == 10:
+                kind = "bad"
+            if kind == "bad":  # an fp16 overflow: refused when the node runs, nothing changes
+                try:
+                    loader(dyn[0], None, [(fx.LORA_KOHYA_B, 0.8, 1.0), (OVERFLOW_LORA, 5.0, 0.0)])
+                except FuseError as exc:
+                    summary["bad_rejected"].append(str(exc)[:200])
+                kind = "plain"  # and the plain path right after it must be exact
             clip_pair = (dyn[1], ref[1]) if with_clip else (None, None)
             if kind == "stack":
                 names = rng.sample(LORAS, rng.randint(1, 4))
@@ -175,6 +190,13 @@ def main(argv=None) -> int:
                 stack = []
                 outs = [pack.ResetAdapters().reset(free, prev[0], prev[1] if with_clip else None)
                         for prev in (previous[2], previous[1])]
+            elif kind == "demote":  # as TorchCompileModel on this host: a classic clone of a fresh model
+                stack = previous[0]
+                demoted = previous[2][0].clone(disable_dynamic=True)
+                summary["demoted"].append({"classic": not demoted.is_dynamic(),
+                                           "pack_patches_left": sum(isinstance(p[1], PackPatch)
+                                                                    for ps in demoted.patches.values() for p in ps)})
+                outs = [(demoted, None), (previous[1][0], None)]
             else:  # evict: drop the simulated VRAM, then run the previous step's patchers again
                 summary["evictions"] += 1
                 sim.evict(dyn[0])
@@ -193,7 +215,9 @@ def main(argv=None) -> int:
                 checked.append((dyn_clip.patcher, ref_clip.cond_stage_model, bases[1]))
                 summary["clip_checked"] += 1
             for dyn_patcher, ref_torch, base in checked:
-                bad = compare(dyn_patcher.model, ref_torch)
+                bad = compare(dyn_patcher.model, ref_torch) if kind != "demote" else [
+                    name for name, module in layers(dyn_patcher.model)
+                    if not same_bits(module.weight, ref_torch.get_submodule(name).weight)]
                 if bad:
                     summary["differing"].append({"step": step, "kind": kind, "modules": bad[:5], "n": len(bad)})
                 if not stack:

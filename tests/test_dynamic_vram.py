@@ -38,7 +38,12 @@ def test_dynamic_patcher_equals_classic_over_many_loads(fixtures_dir, tmp_path, 
     assert proc.returncode == 0, json.dumps(summary)[:3000]
     assert summary["steps"] == steps and summary["loads"] == 2 * steps
     assert summary["differing"] == [] and summary["plain_or_reset_off"] == [] and summary["base_written"] == []
-    assert {"stack", "edit", "chain", "plain", "reset", "evict"} <= set(summary["kinds"])
+    assert {"stack", "edit", "chain", "plain", "reset", "evict", "demote"} <= set(summary["kinds"])
     assert len(summary["sampled"]) >= 2 and all(s["equal"] for s in summary["sampled"])
     assert any(s["loras"] and s["differs_from_plain"] for s in summary["sampled"])  # the stack did change them
     assert summary["merges"]["BaseModel"] > 0 and summary["merges"]["SD1ClipModel"] > 0
+    # fp16 overflow: refused when the node runs, naming the node and a key (the plain path after it is exact)
+    assert len(summary["bad_rejected"]) == steps // 50 and all(
+        m.startswith("Batch LoRA Loader: diffusion_model.") and "NaN/Inf" in m for m in summary["bad_rejected"])
+    # demoted to the classic patcher (as TorchCompileModel does): no PackPatch left, the classic bake took over
+    assert summary["demoted"] == [{"classic": True, "pack_patches_left": 0}] * (steps // 50)
