@@ -26,7 +26,7 @@ from typing import Mapping, NamedTuple, Sequence
 import torch
 import comfy.model_management
 import comfy.utils
-from comfy.patcher_extension import CallbacksMP
+from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from . import dynamic
 from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
@@ -110,8 +110,9 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
     """
     clean = _clean_uuid(patcher)
     clone = patcher.clone()
-    if not clone.get_callbacks(CallbacksMP.ON_LOAD, KEY):  # clones inherit it; one call per load is enough
+    if not clone.get_callbacks(CallbacksMP.ON_LOAD, KEY):  # clones inherit these; one call per event is enough
         clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+        clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
     if dynamic.is_dynamic(clone):  # the stack rides ComfyUI's own patch list there (see nodes/dynamic.py)
         dynamic.set_patches(clone, plan)
         if not clone.get_callbacks(CallbacksMP.ON_CLONE, KEY):
@@ -191,6 +192,26 @@ def check_not_frozen(patcher, plan: Mapping[str, Sequence[Term]], node: str) -> 
             f"{node}: {reason}, so the compiled graph holds its weights as constants and would ignore the LoRA "
             f"written in place (e.g. {next(iter(plan))}). Compile without freezing, or merge the LoRA before "
             "compiling and do not switch stacks afterwards")
+
+
+def _outer_sample(executor, *args, **kwargs):
+    """WrappersMP.OUTER_SAMPLE: take this pack's entries (its callbacks and this wrapper) out of the sampler's
+    ``transformer_options`` before the model runs, leaving them as a plain path has them.
+
+    ComfyUI copies a patcher's callbacks and wrappers into the sampling's ``transformer_options``
+    (``sampler_helpers.prepare_model_patcher``, before this wrapper runs), and those reach the diffusion model:
+    the attention blocks copy every key (comfy/ldm/modules/attention.py), so a torch.compile'd model guards on
+    them, and a compiled plain path after a compiled stack recompiled once (guard failure: KeyError on
+    ``transformer_options['callbacks']['on_load_after']``). The patcher keeps its own callbacks, which are what
+    fires ON_LOAD; the entries removed here are the sampler's copy."""
+    options = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
+    for group in ("callbacks", "wrappers"):
+        kinds = options.get(group, {})
+        for kind in [k for k, keyed in kinds.items() if KEY in keyed]:
+            del kinds[kind][KEY]
+            if not kinds[kind]:
+                del kinds[kind]
+    return executor(*args, **kwargs)
 
 
 def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
