@@ -76,6 +76,8 @@ class PackBackup(NamedTuple):
 
 
 _ENGINE_ATTR = "_batch_lora_engine"  # the engine lives on the torch model it patches and dies with it
+# engine -> weight keys whose cached base was captured over ComfyUI's own (stock) patches
+_OVER_STOCK: "weakref.WeakKeyDictionary[InPlacePatcher, set[str]]" = weakref.WeakKeyDictionary()
 # engine -> the ComfyUI ``backup`` dict of the patcher family that last loaded its model (for the status route)
 _LOADED: "weakref.WeakKeyDictionary[InPlacePatcher, dict]" = weakref.WeakKeyDictionary()
 
@@ -230,8 +232,13 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
     check_not_frozen(patcher, plan, spec.node if spec is not None else "")
-    # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result.
-    engine.cache.drop([k for k in plan if k in patcher.patches and k not in engine.applied_keys])
+    # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result,
+    # captured anew; a base captured over stock patches is stale once they are gone.
+    over_stock = _OVER_STOCK.setdefault(engine, set())
+    stock = {k for k in plan if k in patcher.patches}
+    engine.cache.drop([k for k in plan if k not in engine.applied_keys and (k in stock or k in over_stock)])
+    over_stock.difference_update(plan)
+    over_stock.update(stock)
     bar = comfy.utils.ProgressBar(max(1, len(plan)))
     try:
         report = engine.apply(plan, should_stop=comfy.model_management.processing_interrupted,

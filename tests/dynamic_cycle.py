@@ -8,7 +8,10 @@ checkpoint twice: as ComfyUI's classic ``ModelPatcher`` (the reference: the pack
 write into them kills the process, which is a result). Then a seeded sequence of steps, each one of: a random
 stack of the fixture LoRAs (kohya, PEFT, LoHa, LoKr, diff, DoRA) through the Batch LoRA Loader, a strength edit of
 the previous stack, a second loader chained on it, the plain path, Reset Adapters on the previous stack (a quarter
-with free_cache), or a simulated VRAM eviction followed by the previous step again. Every step loads both
+with free_cache), or a simulated VRAM eviction followed by the previous step again; and at fixed steps an
+fp16-overflow prompt (refused when the node runs), a demotion to the classic patcher (``clone(disable_dynamic=True)``,
+as TorchCompileModel does) and ComfyUI's own LoraLoader chained after the pack's loader on the same keys (checked
+against the float64 oracle on both patchers). Every step loads both
 patchers through ``load_models_gpu`` and compares, for every weighted module of the UNet (and, every
 ``--clip-every`` steps, of the text encoder), the weight and bias the layer runs with: dynamic (through the
 simulated VRAM slot and ComfyUI's own cast code) against classic, bit for bit; every ``--sample-every`` steps it
@@ -50,7 +53,8 @@ import make_fixtures as fx  # noqa: E402
 import pack_alias  # noqa: E402
 from comfy_host import UNINITIALISED  # noqa: E402
 from soak import OVERFLOW_LORA, make_overflow_lora  # noqa: E402
-from oracle import same_bits  # noqa: E402
+from oracle import same_bits, ulp  # noqa: E402
+from test_host import MANIFEST, oracle  # noqa: E402
 
 pack_alias.register()
 pack = importlib.import_module("batch_lora.nodes.nodes")
@@ -98,6 +102,22 @@ def sample(model, clip, seed: int) -> torch.Tensor:
     negative = comfy_nodes.CLIPTextEncode().encode(clip, "")[0]
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     return comfy_nodes.common_ksampler(model, seed, 2, 2.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def beyond_two_roundings(patcher, base_dir) -> int:
+    """Elements of the weights the layers run with, on the keys kohya_a (pack, 0.8) and peft_c (stock, 0.6)
+    share, further from the float64 oracle than two fp16 roundings plus an fp16 computation of the stock LoRA
+    (ComfyUI computes it in the weight's dtype on this patcher's cast path)."""
+    exact = oracle(base_dir, [(fx.LORA_KOHYA_A, 0.8, 0.0), (fx.LORA_PEFT_C, 0.6, 0.0)])
+    rank = fx.LORA_SPECS[fx.LORA_PEFT_C].rank
+    count = 0
+    for key in MANIFEST[fx.LORA_KOHYA_A].model_keys & MANIFEST[fx.LORA_PEFT_C].model_keys:
+        if key.startswith("diffusion_model."):
+            weight = sim.effective(patcher.model.get_submodule(key[:-len(".weight")]))[0].double()
+            ref, operands = exact[key]
+            bound = 2 * ulp(ref, torch.float16) + (rank + 2) * 2.0 ** -11 * operands
+            count += int(((weight - ref).abs() > bound).sum())
+    return count
 
 
 def snapshot(torch_model) -> dict:
@@ -150,7 +170,8 @@ def main(argv=None) -> int:
     bases = [snapshot(dyn[0].model), snapshot(dyn[1].cond_stage_model)]
     rng = random.Random(args.seed)
     summary = {"steps": 0, "loads": 0, "mapped": args.mapped, "kinds": {}, "differing": [], "plain_or_reset_off": [],
-               "clip_checked": 0, "evictions": 0, "sampled": [], "bad_rejected": [], "demoted": []}
+               "clip_checked": 0, "evictions": 0, "sampled": [], "bad_rejected": [], "demoted": [],
+               "stock_composed": []}
     previous = None  # (stack, classic outputs, dynamic outputs)
     t0 = time.perf_counter()
     with torch.inference_mode():
@@ -162,8 +183,12 @@ def main(argv=None) -> int:
                 kind = "stack"  # those reuse the previous step's outputs, which have no text encoder
             if step % 50 == 25:
                 kind = "demote"
+            elif step % 50 == 40:
+                kind = "stock"
             elif step % 50 == 10:
                 kind = "bad"
+            if kind in ("stock", "demote"):
+                with_clip = False
             if kind == "bad":  # an fp16 overflow: refused when the node runs, nothing changes
                 try:
                     loader(dyn[0], None, [(fx.LORA_KOHYA_B, 0.8, 1.0), (OVERFLOW_LORA, 5.0, 0.0)])
@@ -190,6 +215,10 @@ def main(argv=None) -> int:
                 stack = []
                 outs = [pack.ResetAdapters().reset(free, prev[0], prev[1] if with_clip else None)
                         for prev in (previous[2], previous[1])]
+            elif kind == "stock":  # ComfyUI's own LoraLoader chained after the pack's loader, same keys
+                stack = [(fx.LORA_KOHYA_A, 0.8, 0.0)]
+                outs = [(comfy_nodes.LoraLoader().load_lora(loader(m, None, stack)[0], None, fx.LORA_PEFT_C, 0.6,
+                                                            0.0)[0], None) for m in (dyn[0], ref[0])]
             elif kind == "demote":  # as TorchCompileModel on this host: a classic clone of a fresh model
                 stack = previous[0]
                 demoted = previous[2][0].clone(disable_dynamic=True)
@@ -214,6 +243,10 @@ def main(argv=None) -> int:
             if with_clip:
                 checked.append((dyn_clip.patcher, ref_clip.cond_stage_model, bases[1]))
                 summary["clip_checked"] += 1
+            if kind == "stock":
+                summary["stock_composed"].append({"dynamic": beyond_two_roundings(dyn_model, args.base),
+                                                  "classic": beyond_two_roundings(ref_model, args.base)})
+                checked = []  # stock patches are not the pack's: checked against the oracle instead
             for dyn_patcher, ref_torch, base in checked:
                 bad = compare(dyn_patcher.model, ref_torch) if kind != "demote" else [
                     name for name, module in layers(dyn_patcher.model)

@@ -1,6 +1,7 @@
 """DynamicVRAM (ComfyUI's ``ModelPatcherDynamic``) in a CPU simulation (tests/dynamic_sim.py), on hosts that have
-it (ComfyUI 0.33): hundreds of loads cycling stacks, strength edits, chained loaders, plain paths, Reset Adapters
-and VRAM evictions, with and without the read-only memory-mapped checkpoint load. Every step's layer weights
+it (ComfyUI 0.33): hundreds of loads cycling stacks, strength edits, chained loaders, plain paths, Reset Adapters,
+VRAM evictions, fp16-overflow prompts, demotions to the classic patcher and ComfyUI's own LoraLoader on the same
+keys, with and without the read-only memory-mapped checkpoint load. Every step's layer weights
 equal the classic patcher's bit for bit, sampled latents too; the plain path and Reset give the checkpoint's
 weights; nothing writes the checkpoint's tensors (a write into the mapped pages would kill the process: each run
 is a subprocess). On a host without the dynamic patcher (0.3.75) these tests are skipped, i.e. not run."""
@@ -38,7 +39,7 @@ def test_dynamic_patcher_equals_classic_over_many_loads(fixtures_dir, tmp_path, 
     assert proc.returncode == 0, json.dumps(summary)[:3000]
     assert summary["steps"] == steps and summary["loads"] == 2 * steps
     assert summary["differing"] == [] and summary["plain_or_reset_off"] == [] and summary["base_written"] == []
-    assert {"stack", "edit", "chain", "plain", "reset", "evict", "demote"} <= set(summary["kinds"])
+    assert {"stack", "edit", "chain", "plain", "reset", "evict", "demote", "stock"} <= set(summary["kinds"])
     assert len(summary["sampled"]) >= 2 and all(s["equal"] for s in summary["sampled"])
     assert any(s["loras"] and s["differs_from_plain"] for s in summary["sampled"])  # the stack did change them
     assert summary["merges"]["BaseModel"] > 0 and summary["merges"]["SD1ClipModel"] > 0
@@ -47,3 +48,6 @@ def test_dynamic_patcher_equals_classic_over_many_loads(fixtures_dir, tmp_path, 
         m.startswith("Batch LoRA Loader: diffusion_model.") and "NaN/Inf" in m for m in summary["bad_rejected"])
     # demoted to the classic patcher (as TorchCompileModel does): no PackPatch left, the classic bake took over
     assert summary["demoted"] == [{"classic": True, "pack_patches_left": 0}] * (steps // 50)
+    # ComfyUI's own LoraLoader after the pack's loader on the same keys: both patchers within two fp16 roundings
+    # (plus the stock LoRA's own fp16 computation on the cast path) of the float64 oracle
+    assert summary["stock_composed"] == [{"dynamic": 0, "classic": 0}] * (steps // 50)

@@ -321,3 +321,11 @@ def test_stock_patch_on_the_same_keys_composes_and_restores(comfy_host, fixtures
         load(h, both_m)
         load(h, stock_m)
         assert same_weights(stock_m, stock_only)
+        # The pack alone again: its base on the shared keys is the plain weight, not the stock-patched one.
+        load(h, both_m)
+        alone_m, _, _ = run_loader(h, model, None, row(C, 0.6))
+        load(h, alone_m)
+        ref_c = oracle(fixtures_dir, [(C, 0.6, 0.0)])
+        for key, (exact, operands) in ref_c.items():
+            if key.startswith("diffusion_model."):
+                assert beyond_one_rounding(alone_m.model.get_parameter(key).detach(), exact, operands) == 0, key
