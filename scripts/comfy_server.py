@@ -8,6 +8,9 @@
 The server is `python main.py --cpu --listen 127.0.0.1 ...` started in the ComfyUI checkout
 ($COMFYUI_PATH or <repo>/.comfyui) with --base-directory BASE, so models, custom nodes, outputs, the user folder
 and the database all live under BASE. The pack (repo root) is symlinked into BASE/custom_nodes.
+BATCH_LORA_SERVER_DEVICE=gpu starts it without --cpu (ComfyUI picks the GPU and, on 0.3x hosts, DynamicVRAM), and
+BATCH_LORA_SERVER_ARGS adds flags to every server (e.g. --disable-dynamic-vram): tests/gpu/dynamic_vram_gpu.py runs
+the server tests and the main job that way.
 Server output goes to BASE/server.log (appended, one header line per start).
 """
 from __future__ import annotations
@@ -66,6 +69,12 @@ def host_version(comfy_path=None) -> tuple:
     return (0,)
 
 
+def device_flags() -> list:
+    """``--cpu`` (or nothing with BATCH_LORA_SERVER_DEVICE=gpu) plus the flags in BATCH_LORA_SERVER_ARGS."""
+    device = [] if os.environ.get("BATCH_LORA_SERVER_DEVICE") == "gpu" else ["--cpu"]
+    return device + os.environ.get("BATCH_LORA_SERVER_ARGS", "").split()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -105,9 +114,9 @@ class ComfyServer:
     def command(self) -> list:
         """The argv the server is started with."""
         base = str(self.base_dir)
-        return [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
+        return [self.python, "main.py", "--listen", "127.0.0.1", "--port", str(self.port),
                 "--base-directory", base, "--database-url", "sqlite:///{}/user/comfyui.db".format(base),
-                "--disable-auto-launch", *self.extra_args]
+                "--disable-auto-launch", *self.extra_args, *device_flags()]
 
     def _prepare_base_dir(self):
         for d in BASE_SUBDIRS:

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_fixtures as fx  # noqa: E402
 import pack_alias  # noqa: E402
-from comfy_server import ComfyServer, cached_nodes  # noqa: E402
+from comfy_server import ComfyServer, cached_nodes, device_flags, host_version  # noqa: E402
 
 pack_alias.register()
 from batch_lora.core import InPlacePatcher, LoraFactors  # noqa: E402
@@ -204,7 +204,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     fx.make_fixtures(work)
     print(f"fixtures ready in {time.perf_counter() - t0:.1f} s under {work}/models")
-    print(f"queueing {args.runs} prompts on a real ComfyUI server (--cpu --fp16-unet) ...", flush=True)
+    flags = " ".join(["--fp16-unet"] + device_flags())
+    print(f"queueing {args.runs} prompts on a real ComfyUI {'.'.join(map(str, host_version()))} server "
+          f"({flags}) ...", flush=True)
     server = run_server(work, args.runs, not args.no_restart_check)
     table, failures = drift_table(server)
     print(f"running {args.naive_cycles} naive and pack fuse/unfuse cycles in-process ...", flush=True)
@@ -225,7 +227,7 @@ def main(argv=None) -> int:
               f"{r['naive_elements_changed']:>14}/{r['naive_elements_total']:<11}{r['pack_max_abs_err']:>18g}")
     if naive[-1]["pack_max_abs_err"] != 0.0:
         failures.append("the pack's own apply/reset cycle drifted")
-    report = {"runs": args.runs, "cases": table, "naive_vs_pack": naive, "failures": failures,
+    report = {"host": ".".join(map(str, host_version())), "server_flags": flags, "runs": args.runs, "cases": table, "naive_vs_pack": naive, "failures": failures,
               "seconds": server["seconds"], "rss_start": server["rss_start"], "rss_end": server["rss_end"]}
     (work / "drift_report.json").write_text(json.dumps(report, indent=2))
     print(f"\nreport written to {work / 'drift_report.json'}")

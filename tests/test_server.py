@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import main_job
 import make_fixtures as fx
-from comfy_server import ComfyServer, PromptError, cached_nodes, host_version
+from comfy_server import ComfyServer, PromptError, cached_nodes, device_flags, host_version
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +219,10 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
             progress.setdefault(data["node"], []).append((data["value"], data["max"]))
     for model, (keys, numel) in _touched_numel().items():
         m = after[model]
+        if m["patcher"] == "dynamic":  # a GPU run with DynamicVRAM (tests/gpu/dynamic_vram_gpu.py): no bake
+            assert m["base_cache"] == {"bytes": 0, "keys": 0} and m["applied_stack"] == labels
+            assert m["applied_keys"] == keys and m["counters"]["merges"] >= keys
+            continue
         assert m["base_cache"] == {"bytes": 4 * numel, "keys": keys, "dtype": "fp32", "device": "cpu",
                                    "budget_bytes": None}
         assert m["applied_stack"] == labels and m["applied_keys"] == keys
@@ -229,7 +233,9 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
                                  "applied_keys": 0})  # absent: this module's first pack load
         counted = {k: m["counters"][k] - was["counters"][k] for k in m["counters"]}
         # The plain prompt's restores are counted at this load: every key, then every key merged again.
-        assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0, "moves": 0,
+        moves = counted.pop("moves")
+        assert moves == 0 or "--cpu" not in device_flags()  # ComfyUI's normal-VRAM GPU mode moves the model
+        assert counted == {"merges": keys, "writes": keys, "restores": 0, "rollbacks": 0,
                            "host_restores": keys if model in before else 0}
         assert was["applied_stack"] == [] and was["applied_keys"] == 0
         # The bake's progress bar, on the node whose model load triggered it: 1..keys of keys (ComfyUI 0.33
@@ -241,7 +247,8 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
         assert len(done) == keys or host_version() > (0, 3, 75), (model, done)  # 0.3.75 sends every key
     log = server.log_tail(20000)
     for model, (keys, _) in _touched_numel().items():
-        assert f"batch-lora: {model}: {keys} keys merged, 0 restored, 0 unchanged in " in log
+        if after[model]["patcher"] == "classic":
+            assert f"batch-lora: {model}: {keys} keys merged, 0 restored, 0 unchanged in " in log
 
 
 def test_lora_vs_reset_example_runs_unchanged(server):
