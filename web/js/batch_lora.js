@@ -7,7 +7,8 @@ import { api } from "../../../scripts/api.js";
 const NODE = "BatchLoraLoader";
 const ROW_H = 24;
 const isRow = (v) => v && typeof v === "object" && "lora" in v;
-let apiPrompt = null; // the API prompt app.loadApiJson is loading, while it runs
+let loading = null; // a copy of the API prompt app.loadApiJson is loading, while it runs (see setup)
+let loads = Promise.resolve(); // the loadApiJson calls, one after the other
 const TIPS = {
   row: "One LoRA. Click the dot to turn it on/off, the name to pick another file from models/loras, the first " +
     "number for strength_model (UNet), the second for strength_clip (text encoder), \u2715 to remove the row.",
@@ -24,10 +25,10 @@ function fmt(x) {
   return Number(x).toFixed(2);
 }
 
-function rowWidget(node, value) {
+function rowWidget(name, value) {
   // Click zones, left to right: [on/off] [LoRA name ...] [model strength] [clip strength] [x]
-  const w = {
-    name: "lora_0",
+  return {
+    name,
     type: "batch_lora_row",
     tooltip: TIPS.row,
     value: { on: true, lora: null, strength_model: 1.0, strength_clip: 1.0, ...value },
@@ -82,23 +83,25 @@ function rowWidget(node, value) {
       const v = this.value;
       if (hit("on")) v.on = !v.on;
       else if (hit("del")) removeRow(node, this);
-      else if (hit("name")) pickLora(event, (name) => { v.lora = name; node.setDirtyCanvas(true, true); });
+      else if (hit("name")) pickLora(event, (name) => { v.lora = name; redraw(node); });
       else if (hit("sm") || hit("sc")) {
         const key = hit("sm") ? "strength_model" : "strength_clip";
+        // prompt() places its box on LGraphCanvas.active_canvas, the graph canvas that last had a pointer event. In
+        // Nodes 2.0 a row click reaches only the row's own canvas, so in 1.49.6 there may be none yet (it throws).
+        LiteGraph.LGraphCanvas.active_canvas ??= app.canvas;
         app.canvas.prompt(key, v[key], (text) => {
           const n = Number(text);
           if (Number.isFinite(n)) v[key] = n;
-          node.setDirtyCanvas(true, true);
+          redraw(node);
         }, event);
       } else return false;
-      node.setDirtyCanvas(true, true);
+      redraw(node);
       return true;
     },
     serializeValue() {
       return { ...this.value };
     },
   };
-  return w;
 }
 
 async function pickLora(event, done) {
@@ -114,41 +117,58 @@ function rows(node) {
   return (node.widgets || []).filter((w) => w.type === "batch_lora_row");
 }
 
-function renumber(node) {
-  rows(node).forEach((w, i) => (w.name = `lora_${i + 1}`));
-  node.setSize([node.size[0], node.computeSize()[1]]);
+function redraw(node) {
+  // Nodes 2.0 (Vue nodes) draws each row on a canvas of its own, which it repaints only on widget.triggerDraw()
+  // (1.49.6, 1.58.1); the classic graph canvas repaints after setDirtyCanvas.
+  for (const w of rows(node)) w.triggerDraw?.();
   node.setDirtyCanvas(true, true);
 }
 
+function fit(node) {
+  node.setSize([node.size[0], node.computeSize()[1]]);
+  redraw(node);
+}
+
 function addRow(node, value) {
-  const w = rowWidget(node, value);
-  node.addCustomWidget(w);
+  // addCustomWidget returns the widget the node keeps (in 1.58.1 one of the frontend's own widget class).
+  const w = node.addCustomWidget(rowWidget(`lora_${rows(node).length + 1}`, value));
   // Keep rows before the buttons so widgets_values stays [row, row, ...].
-  const buttons = node.widgets.filter((x) => x.type !== "batch_lora_row");
-  node.widgets = [...rows(node), ...buttons];
-  renumber(node);
+  node.widgets = [...rows(node), ...node.widgets.filter((x) => x.type !== "batch_lora_row")];
+  fit(node);
   return w;
 }
 
 function removeRow(node, w) {
-  node.widgets.splice(node.widgets.indexOf(w), 1);
-  renumber(node);
+  // Rows keep their names: Nodes 2.0 binds each row's canvas to the widget of that name once, when it mounts
+  // (1.49.6, 1.58.1), so renamed rows would show stale values. Instead the values below the removed row move up one
+  // and the last row goes.
+  const rs = rows(node);
+  for (let i = rs.indexOf(w); i < rs.length - 1; i++) rs[i].value = rs[i + 1].value;
+  node.removeWidget(rs[rs.length - 1]);
+  fit(node);
 }
 
 app.registerExtension({
   name: "comfyui-batch-lora.BatchLoraLoader",
   setup() {
-    // An API-format JSON dropped on the canvas goes through app.loadApiJson, which sets each input only on a
-    // widget of that name that already exists. Rows exist per entry, so each loader makes its rows as it is
-    // added to the graph (onAdded, below), before that assignment.
+    // An API-format JSON dropped on the canvas goes through app.loadApiJson, which creates the nodes and then sets
+    // each input only on a widget of that name that already exists. Rows exist per entry, so each loader makes its
+    // rows as it is added to the graph (onAdded, below), from `loading`. loadApiJson is synchronous in 1.32.9, awaits
+    // before it creates the nodes in 1.49.6, and also waits behind other graph loads in 1.58.1: so the calls are
+    // chained here, and `loading` is the prompt of the one call running until it has finished, whatever the version.
     const loadApiJson = app.loadApiJson;
-    app.loadApiJson = function (prompt) {
-      apiPrompt = prompt;
-      try {
-        return loadApiJson.apply(this, arguments);
-      } finally {
-        apiPrompt = null;
-      }
+    app.loadApiJson = function (prompt, ...rest) {
+      const run = async () => {
+        loading = structuredClone(prompt); // onAdded puts the rows' own values into it: the caller's stays as it is
+        try {
+          return await loadApiJson.call(this, loading, ...rest);
+        } finally {
+          loading = null;
+        }
+      };
+      const done = loads.then(run);
+      loads = done.catch(() => {});
+      return done;
     };
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -165,7 +185,7 @@ app.registerExtension({
         const rs = rows(this);
         const on = !rs.every((w) => w.value.on);
         rs.forEach((w) => (w.value.on = on));
-        this.setDirtyCanvas(true, true);
+        redraw(this);
       });
       all.options.serialize = false;
       all.tooltip = TIPS.all;
@@ -175,17 +195,18 @@ app.registerExtension({
     const onAdded = nodeType.prototype.onAdded;
     nodeType.prototype.onAdded = function () {
       const r = onAdded?.apply(this, arguments);
-      const inputs = apiPrompt?.[this.id]?.inputs ?? {};
+      const entry = loading?.[this.id];
+      const inputs = entry?.class_type === NODE ? entry.inputs ?? {} : {};
       const names = Object.keys(inputs).filter((k) => /^lora_\d+$/.test(k) && isRow(inputs[k]));
       names.sort((a, b) => a.slice(5) - b.slice(5));
-      // The prompt's entry becomes the row's own value (defaults filled in), which loadApiJson then assigns.
+      // The entry becomes the row's own value (defaults filled in), which loadApiJson then assigns to the row.
       for (const k of names) inputs[k] = addRow(this, inputs[k]).value;
       return r;
     };
     const configure = nodeType.prototype.configure;
     nodeType.prototype.configure = function (info) {
       // Rebuild the rows from the saved values before LiteGraph assigns widgets_values by index.
-      for (const w of rows(this)) this.widgets.splice(this.widgets.indexOf(w), 1);
+      for (const w of rows(this)) this.removeWidget(w);
       for (const v of info.widgets_values || []) if (isRow(v)) addRow(this, v);
       return configure.apply(this, arguments);
     };
