@@ -5,19 +5,23 @@
 BASE_DIR holds the generated fixtures (models/checkpoints, models/loras). One process loads the tiny SD1.5
 checkpoint twice: as ComfyUI's classic ``ModelPatcher`` (the reference: the pack bakes in place) and as
 ``ModelPatcherDynamic`` (with ``--mapped``: from read-only memory-mapped file pages, as comfy-aimdo loads it; a
-write into them kills the process, which is a result). Then a seeded sequence of steps, each one of: a random
-stack of the fixture LoRAs (kohya, PEFT, LoHa, LoKr, diff, DoRA) through the Batch LoRA Loader, a strength edit of
-the previous stack, a second loader chained on it, the plain path, Reset Adapters on the previous stack (a quarter
-with free_cache), or a simulated VRAM eviction followed by the previous step again; and at fixed steps an
-fp16-overflow prompt (refused when the node runs), a demotion to the classic patcher (``clone(disable_dynamic=True)``,
-as TorchCompileModel does) and ComfyUI's own LoraLoader chained after the pack's loader on the same keys (checked
-against the float64 oracle on both patchers). Every step loads both
-patchers through ``load_models_gpu`` and compares, for every weighted module of the UNet (and, every
-``--clip-every`` steps, of the text encoder), the weight and bias the layer runs with: dynamic (through the
-simulated VRAM slot and ComfyUI's own cast code) against classic, bit for bit; every ``--sample-every`` steps it
-also encodes a prompt and samples with both, and the latents must be equal bit for bit. The plain path and Reset must equal
-the checkpoint file's weights bit for bit. At the end the dynamic model's parameters must still equal the file
-(nobody wrote them). Writes a JSON summary; exits 1 on any difference.
+write into them kills the process, which is a result).
+
+Then a seeded sequence of steps. Each is one of: a random stack of the fixture LoRAs (kohya, PEFT, LoHa, LoKr,
+diff, DoRA) through the Batch LoRA Loader, a strength edit of the previous stack, a second loader chained on it,
+the plain path, Reset Adapters on the previous stack (a quarter with free_cache), or a simulated VRAM eviction
+followed by the previous step again. At fixed steps it is instead an fp16-overflow prompt (refused when the node
+runs, then the plain path), a demotion to the classic patcher (``clone(disable_dynamic=True)``, as
+TorchCompileModel does), or ComfyUI's own LoraLoader chained after the pack's loader on the same keys (checked
+against the float64 oracle on both patchers).
+
+Every step loads both patchers through ``load_models_gpu`` and compares, for every weighted module of the UNet
+(and, every ``--clip-every`` steps, of the text encoder), the weight and bias the layer runs with: dynamic
+(through the simulated VRAM slot and ComfyUI's own cast code) against classic, bit for bit. Every
+``--sample-every`` steps it also encodes a prompt and samples with both: the latents must be equal bit for bit,
+and differ from the plain path's when a stack is on. The plain path and Reset must give the weights as loaded, and
+at the end the dynamic model's own tensors must still be those (nobody wrote them). Writes a JSON summary; exits
+1 on any difference.
 """
 from __future__ import annotations
 
