@@ -1,11 +1,12 @@
 """The pack in ComfyUI's real frontend, served by the real server (the host COMFYUI_PATH names) and driven in
 headless Chromium from Debian's package by Playwright, as a user would, for each frontend in FRONTENDS (served with
 --front-end-root) in classic canvas mode and in Nodes 2.0 (Vue nodes) mode: add the Batch LoRA Loader from the node
-library, pick two LoRAs from its dropdown, toggle a row, Toggle all, edit a strength, pick another file, remove a
+library, pick two LoRAs from its picker, toggle a row, Toggle all, edit a strength, pick another file, remove a
 row (after each step the rows hold the expected values and the screen shows them); open each example workflow from
 the template browser (no dialog left open), compare the frontend's own API export with workflows/api/, queue it and
 see the output images; save and load it back as a UI workflow; drop each API-format twin on the canvas and get the
-same rows back. Test ids are ``[<frontend>-<mode>]``, e.g. ``test_row_editor[1.58.1-vue]``.
+same rows back; a LoRA file named like an HTML tag shows as text in the picker (filter, Enter, Escape, a click
+outside) and runs no script. Test ids are ``[<frontend>-<mode>]``, e.g. ``test_row_editor[1.58.1-vue]``.
 
 Screenshots go to ``.work/browser/<frontend>-<mode>/``; with BATCH_LORA_UPDATE_SCREENSHOTS=1 those of the default
 frontend (DEFAULT_FRONTEND) in classic mode also replace the README's (``docs/``) and the template thumbnails
@@ -33,6 +34,8 @@ DEFAULT_FRONTEND = "1.32.9"  # the default host's (0.3.75): its classic-mode scr
 CONFIGS = [(fe, mode) for fe in FRONTENDS for mode in ("classic", "vue")]
 SHOTS = ROOT / ".work" / "browser"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
+XSS_LORA = "<img src=x onerror=window.__batchLoraXss=1>.safetensors"  # runs script if the picker inserts it as HTML
+PICKER = ".batch-lora-picker"  # the row editor's LoRA picker (web/js/batch_lora.js)
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BATCH_LORA_CHROMIUM)",
                 allow_module_level=True)
@@ -57,7 +60,9 @@ def api_view(prompt: dict) -> dict:
 def base(tmp_path_factory):
     """One base directory (models, user folder, outputs) for every server of this module, one at a time."""
     base = tmp_path_factory.mktemp("browser")
-    fx.make_fixtures(base)
+    loras = fx.make_fixtures(base)["loras"]
+    # Before any server starts: ComfyUI caches the file list it serves at /models/loras.
+    shutil.copyfile(loras[fx.LORA_KOHYA_A], base / "models" / "loras" / XSS_LORA)
     return base
 
 
@@ -235,27 +240,32 @@ def click_row(page, node_id, index: int, zone: str):
     page.mouse.click(box["x"] + x, box["y"] + box["height"] / 2)
 
 
-def click_button(page, node_id, name: str):
-    """Click the loader's button widget ``name``: a button element in Nodes 2.0, drawn on the graph canvas else."""
+def click_button(page, node_id, name: str) -> tuple:
+    """Click the loader's button widget ``name``: a button element in Nodes 2.0, drawn on the graph canvas else.
+    Returns the point clicked (page px)."""
     if page.vue:
-        page.locator(f'[data-node-id="{node_id}"]').get_by_role("button", name=name, exact=True).click()
-        return
+        button = page.locator(f'[data-node-id="{node_id}"]').get_by_role("button", name=name, exact=True)
+        box = button.bounding_box()
+        button.click()  # at the middle of the box
+        return box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
     frames(page)  # the widgets' places (last_y) are those of the last draw
-    page.mouse.click(*page.evaluate("""([id, name]) => {
+    at = page.evaluate("""([id, name]) => {
         const n = app.graph.getNodeById(id), w = n.widgets.find(w => w.name === name);
         const [cx, cy] = app.canvas.ds.convertOffsetToCanvas([n.pos[0] + n.size[0] / 2,
                                                               n.pos[1] + w.last_y + LiteGraph.NODE_WIDGET_HEIGHT / 2]);
         const r = app.canvas.canvas.getBoundingClientRect();
         return [r.left + cx, r.top + cy];
-    }""", [node_id, name]))
+    }""", [node_id, name])
+    page.mouse.click(*at)
+    return tuple(at)
 
 
 def pick_from_menu(page, entry: str):
-    """Click ``entry`` in the LiteGraph context menu that is open."""
-    item = page.locator(".litecontextmenu .litemenu-entry", has_text=entry)
-    expect(item.first).to_be_visible()
-    item.first.click()
-    expect(page.locator(".litecontextmenu")).to_have_count(0)
+    """Click ``entry`` in the LoRA picker that is open."""
+    item = page.locator(PICKER).get_by_role("option", name=entry, exact=True)
+    expect(item).to_be_visible()
+    item.click()
+    expect(page.locator(PICKER)).to_have_count(0)
 
 
 def answer_prompt(page, text: str):
@@ -417,4 +427,70 @@ def test_api_json_dropped_on_canvas_keeps_rows(page, workflow):
         check_rows(page, node, rows)
     exported = page.evaluate("app.graphToPrompt().then(p => p.output)")
     assert api_view(exported) == api_view(api)
+    assert page.errors == []
+
+
+def test_lora_picker_shows_file_names_as_text(page):
+    """The LoRA picker shows each file name in models/loras as text, one named like an HTML tag too, and runs no
+    script; typing filters the list, Enter picks the first match, a click picks an entry, Escape or a click outside
+    closes it, and an empty folder says so. (LiteGraph.ContextMenu, used before, inserts its entries as HTML in
+    frontend 1.32.9.)"""
+    xss = "() => window.__batchLoraXss"
+    names = page.server.get("/models/loras").json()
+    assert XSS_LORA in names
+    page.evaluate("app.graph.clear()")
+    node = page.evaluate("""() => { const n = LiteGraph.createNode('BatchLoraLoader'); n.pos = [420, 260];
+        app.graph.add(n); app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+        return n.id; }""")
+    settle(page)
+    at = click_button(page, node, "+ Add LoRA")
+    expect(page.locator(f"{PICKER}, .litecontextmenu").first).to_be_visible()  # the old menu, too: fail on the XSS
+    page.wait_for_timeout(1000)  # the image of the name fails to load (404), then its onerror would run
+    assert page.evaluate(xss) is None, "a LoRA file name was inserted as HTML and ran script"
+    picker = page.locator(PICKER)
+    options = picker.get_by_role("option")
+    expect(options).to_have_text(names)
+    entry = picker.get_by_role("option", name=XSS_LORA, exact=True)
+    assert entry.evaluate("e => [e.textContent, e.title]") == [XSS_LORA, XSS_LORA]
+    expect(picker.locator("img")).to_have_count(0)
+    assert page.evaluate("document.querySelectorAll('img[src=\"x\"]').length") == 0
+    box = picker.bounding_box()
+    assert abs(box["x"] - at[0]) < 2 and abs(box["y"] - at[1]) < 2, f"the picker at {box}, the click at {at}"
+    expect(picker.locator("input")).to_be_focused()  # type to filter at once
+    picker.screenshot(path=str(page.shots / "lora_picker.png"))
+    page.keyboard.type("KOHYA")  # any case
+    expect(options).to_have_text([n for n in names if "kohya" in n])
+    page.keyboard.press("Control+A")
+    page.keyboard.type("onerror")
+    expect(options).to_have_text([XSS_LORA])
+    entry.click()
+    expect(picker).to_have_count(0)
+    page.wait_for_timeout(500)
+    check_rows(page, node, [row(XSS_LORA)])
+    assert page.evaluate(xss) is None
+    click_row(page, node, 0, "name")  # Enter picks the first match
+    expect(options).to_have_text(names)
+    page.keyboard.type("_b.safe")
+    page.keyboard.press("Enter")
+    expect(picker).to_have_count(0)
+    check_rows(page, node, [row(fx.LORA_KOHYA_B)])
+    click_row(page, node, 0, "name")  # Escape closes it, the row stays as it was
+    expect(options).to_have_count(len(names))
+    page.keyboard.press("Escape")
+    expect(picker).to_have_count(0)
+    click_button(page, node, "+ Add LoRA")  # so does a click outside
+    expect(options).to_have_count(len(names))
+    page.mouse.click(box["x"] + box["width"] + 200, 120)
+    expect(picker).to_have_count(0)
+    check_rows(page, node, [row(fx.LORA_KOHYA_B)])
+    page.route("**/models/loras", lambda route: route.fulfill(json=[]))  # an empty folder
+    click_button(page, node, "+ Add LoRA")
+    expect(picker).to_contain_text("(no LoRA files in models/loras)")
+    expect(options).to_have_count(0)
+    page.keyboard.press("Enter")  # nothing to pick
+    page.keyboard.press("Escape")
+    expect(picker).to_have_count(0)
+    page.unroute("**/models/loras")
+    check_rows(page, node, [row(fx.LORA_KOHYA_B)])
+    assert page.evaluate(xss) is None
     assert page.errors == []

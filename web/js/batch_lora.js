@@ -104,13 +104,88 @@ function rowWidget(name, value) {
   };
 }
 
+// The LoRA picker: a small menu of the pack's own, built from DOM nodes, each file name set as textContent (never as
+// HTML). It replaces LiteGraph.ContextMenu, whose addItem sets each entry's innerHTML from the string in frontend
+// 1.32.9, so a file in models/loras named like `<img src=x onerror=...>.safetensors` ran script when the menu opened;
+// 1.49.6 and 1.58.1 set textContent instead, so escaping the names would show "&lt;..." there. One picker at a time.
+let picker = null; // the open picker's close function
+// Where a pointer last went down: the picker opens there when it gets no event, as from Nodes 2.0's button element,
+// which calls the widget's callback without one (1.49.6, 1.58.1).
+let pointer = { clientX: 0, clientY: 0 };
+window.addEventListener("pointerdown", (e) => (pointer = e), true);
+
+const PICKER_CSS = `
+.batch-lora-picker { position: fixed; z-index: 10000; display: flex; flex-direction: column; gap: 4px; padding: 4px;
+  min-width: 220px; max-width: min(480px, 90vw); max-height: min(420px, 80vh); box-sizing: border-box;
+  background: var(--comfy-menu-bg, #353535); color: var(--fg-color, #fff); font: 13px sans-serif;
+  border: 1px solid var(--border-color, #4e4e4e); border-radius: 6px; box-shadow: 0 4px 16px rgba(0, 0, 0, 0.5); }
+.batch-lora-picker input { background: var(--comfy-input-bg, #222); color: inherit; font: inherit; outline: none;
+  border: 1px solid var(--border-color, #4e4e4e); border-radius: 4px; padding: 4px 6px; }
+.batch-lora-picker [role=listbox] { overflow-y: auto; }
+.batch-lora-picker [role=option] { padding: 3px 6px; border-radius: 4px; cursor: pointer; white-space: nowrap;
+  overflow: hidden; text-overflow: ellipsis; }
+.batch-lora-picker [role=option]:hover, .batch-lora-picker [role=option].first {
+  background: var(--comfy-menu-secondary-bg, #292929); }
+.batch-lora-picker .empty { padding: 3px 6px; color: var(--descrip-text, #999); }`;
+
 async function pickLora(event, done) {
+  const at = Number.isFinite(event?.clientX) ? event : pointer;
   const names = await loraNames();
-  new LiteGraph.ContextMenu(names.length ? names : ["(no LoRA files in models/loras)"], {
-    event,
-    title: "LoRA",
-    callback: (name) => names.includes(name) && done(name),
+  picker?.();
+  if (!document.getElementById("batch-lora-picker-css")) {
+    const css = document.head.appendChild(document.createElement("style"));
+    css.id = "batch-lora-picker-css";
+    css.textContent = PICKER_CSS;
+  }
+  const el = (tag, props, parent) => parent.appendChild(Object.assign(document.createElement(tag), props));
+  const root = el("div", { className: "batch-lora-picker" }, document.body);
+  const filter = el("input", { type: "text", placeholder: "Filter LoRAs", spellcheck: false }, root);
+  const list = el("div", { role: "listbox" }, root);
+  const entries = names.map((name) => {
+    const e = el("div", { role: "option", textContent: name, title: name }, list); // title: long names in full
+    e.addEventListener("click", () => pick(name));
+    return e;
   });
+  const empty = el("div", { className: "empty" }, list);
+  const shown = () => entries.filter((e) => !e.hidden);
+  const update = () => {
+    const q = filter.value.trim().toLowerCase();
+    entries.forEach((e, i) => (e.hidden = !names[i].toLowerCase().includes(q)));
+    entries.forEach((e) => e.classList.remove("first"));
+    shown()[0]?.classList.add("first"); // what Enter picks
+    empty.textContent = names.length ? "(no match)" : "(no LoRA files in models/loras)";
+    empty.hidden = shown().length > 0;
+  };
+  const close = () => {
+    window.removeEventListener("pointerdown", outside, true);
+    window.removeEventListener("keydown", escape, true);
+    root.remove();
+    if (picker === close) picker = null;
+  };
+  const pick = (name) => {
+    close();
+    done(name);
+  };
+  const outside = (e) => root.contains(e.target) || close();
+  const escape = (e) => e.key === "Escape" && close(); // also when the focus is elsewhere
+  filter.addEventListener("input", update);
+  root.addEventListener("keydown", (e) => {
+    e.stopPropagation(); // typing here is no shortcut of the frontend's (its keybindings listen on window, document)
+    if (e.key === "Enter") {
+      e.preventDefault();
+      const first = shown()[0];
+      if (first) pick(names[entries.indexOf(first)]);
+    }
+  });
+  window.addEventListener("pointerdown", outside, true);
+  window.addEventListener("keydown", escape, true);
+  picker = close;
+  update();
+  // At the click, moved back inside the window where it would stick out.
+  const r = root.getBoundingClientRect();
+  root.style.left = `${Math.max(0, Math.min(at.clientX, window.innerWidth - r.width - 4))}px`;
+  root.style.top = `${Math.max(0, Math.min(at.clientY, window.innerHeight - r.height - 4))}px`;
+  filter.focus();
 }
 
 function rows(node) {
@@ -177,7 +252,7 @@ app.registerExtension({
     nodeType.prototype.onNodeCreated = function () {
       const r = onNodeCreated?.apply(this, arguments);
       const add = this.addWidget("button", "+ Add LoRA", null, (w, canvas, node, pos, event) => {
-        pickLora(event || window.event, (name) => addRow(this, { lora: name }));
+        pickLora(event, (name) => addRow(this, { lora: name }));
       });
       add.options.serialize = false;
       add.tooltip = TIPS.add;
