@@ -34,6 +34,8 @@ class UnsupportedTarget(RuntimeError):
     """A weight cannot be patched in place (quantized, or frozen into a compiled graph). Names the key and what
     to do."""
 
+    __module__ = "batch_lora.core"  # the type's name in ComfyUI's error reports, whatever the install path
+
 
 @dataclass(frozen=True)
 class Target:

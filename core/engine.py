@@ -25,16 +25,19 @@ __all__ = ["InPlacePatcher", "ApplyInterrupted", "ApplyReport", "Counters"]
 class ApplyInterrupted(RuntimeError):
     """``should_stop()`` returned True during an apply; every key already written was rolled back."""
 
+    __module__ = "batch_lora.core"  # the type's name in ComfyUI's error reports, whatever the install path
+
 
 @dataclass
 class Counters:
     """Running totals for one patcher (tests and benchmarks read these).
 
     merges: keys fused (one fused pass each); writes: in-place parameter writes (fused results, restores and
-    rollbacks); restores: writes of an exact base copy; rollbacks: applies undone after an error;
+    rollbacks); restores: keys put back to their exact base, by this engine (a write) or by the host from this
+    engine's base copies (``forget``); rollbacks: applies undone after an error;
     moves: applies that found weights this engine wrote on another device or in new storage since its last write
     (the host moved the model, e.g. ComfyUI's normal-VRAM offload round trip; the engine itself never moves
-    weights); host_restores: keys put back to their base by someone else (``forget``: ComfyUI restored them).
+    weights); host_restores: the restores the host did (``forget``: ComfyUI restored them).
     """
 
     merges: int = 0
@@ -47,8 +50,9 @@ class Counters:
 
 @dataclass
 class ApplyReport:
-    """What one ``apply``/``reset`` did: keys merged, restored and left alone, wall time in seconds, when it
-    finished (``time.time()``), and the caller's labels of the stack applied."""
+    """What one ``apply``/``reset`` did: keys merged, restored (written back to base; a caller may add the keys the
+    host restored for it, see ``forget``) and left alone, wall time in seconds, when it finished
+    (``time.time()``), and the caller's labels of the stack applied."""
 
     merged: int = 0
     restored: int = 0
@@ -96,13 +100,16 @@ class InPlacePatcher:
             target = self._targets[key] = resolve(self.module, key)
         return target
 
-    def forget(self, keys) -> None:
-        """Record that ``keys`` were put back to their base by someone else (the host restored them)."""
-        for key in keys:
-            if self._applied.pop(key, None) is not None:
-                self.counters.host_restores += 1
+    def forget(self, keys) -> set[str]:
+        """Record that ``keys`` were put back to their base by someone else (the host restored them, from this
+        engine's base copies): each counts as a restore (``counters.restores``) done by the host
+        (``counters.host_restores``). Returns the keys that held terms."""
+        forgotten = {key for key in keys if self._applied.pop(key, None) is not None}
+        self.counters.restores += len(forgotten)
+        self.counters.host_restores += len(forgotten)
         if not self._applied:
             self.labels = ()
+        return forgotten
 
     def apply(self, stack: Mapping[str, Sequence[Term]], *, should_stop: Callable[[], bool] | None = None,
               progress: Callable[[int, int], None] | None = None, labels: Sequence[str] = ()) -> ApplyReport:

@@ -9,11 +9,20 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-__all__ = ["LoraFileCache", "LoraFileError"]
+__all__ = ["LoraFileCache", "LoraFileError", "shown"]
 
 
 class LoraFileError(ValueError):
     """A LoRA file cannot be used: missing, not safetensors, corrupted, or holding NaN/Inf. Names the file."""
+
+    __module__ = "batch_lora.core"  # the type's name in ComfyUI's error reports, whatever the install path
+
+
+def shown(value, limit: int = 120) -> str:
+    """``repr(value)`` for an error message, cut to ``limit`` characters (saying how long it was): names, values
+    and file contents are echoed to API clients, never in full."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class LoraFileCache:
@@ -37,15 +46,16 @@ class LoraFileCache:
         self.reads = 0
 
     @staticmethod
-    def identity(path: str) -> tuple[str, int, int, int]:
+    def identity(path: str, label: str | None = None) -> tuple[str, int, int, int]:
         """``(resolved path, size in bytes, mtime in ns, ctime in ns)`` of ``path`` (ctime: the inode's change
-        time, which no copy tool can set). Raises LoraFileError if it is missing."""
+        time, which no copy tool can set). Raises LoraFileError naming ``label`` (the name the user gave, default
+        the file's base name; never the server path) if it is missing."""
         real = os.path.realpath(path)
         try:
             st = os.stat(real)
         except OSError as exc:
-            raise LoraFileError(f"LoRA file {path!r} cannot be read ({exc.strerror}); check the name and the "
-                                "loras folder") from exc
+            raise LoraFileError(f"LoRA file {shown(label or os.path.basename(path))} cannot be read "
+                                f"({exc.strerror}); check the name and the loras folder") from exc
         return real, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
     @property
@@ -54,13 +64,15 @@ class LoraFileCache:
         with self._lock:
             return sum(_nbytes(sd) for sd in self._files.values())
 
-    def load(self, path: str) -> dict[str, torch.Tensor]:
+    def load(self, path: str, label: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors of the safetensors file at ``path`` (read once per file version; do not mutate them).
 
         Raises:
             LoraFileError: missing file, a file that is not valid safetensors (bad header length, bad JSON,
-                offsets past the end), or a tensor with NaN/Inf values (names the tensor).
+                offsets past the end), or a tensor with NaN/Inf values (names the tensor); the file is named as
+                ``label`` (default: its base name), never by its server path.
         """
+        label = shown(label or os.path.basename(path))
         ident = self.identity(path)
         with self._lock:
             cached = self._files.get(ident)
@@ -70,12 +82,12 @@ class LoraFileCache:
         try:
             tensors = load_file(ident[0], device="cpu")
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise LoraFileError(f"LoRA file {path!r} is not a valid safetensors file ({exc}); re-download or "
-                                "re-export it") from exc
+            raise LoraFileError(f"LoRA file {label} is not a valid safetensors file ({shown(str(exc), 200)}); "
+                                "re-download or re-export it") from exc
         for name, tensor in tensors.items():
             if tensor.is_floating_point() and not bool(torch.isfinite(tensor.float()).all()):
-                raise LoraFileError(f"LoRA file {path!r}: tensor {name!r} contains NaN/Inf values; the file is "
-                                    "broken (re-export it) and was not applied")
+                raise LoraFileError(f"LoRA file {label}: tensor {shown(name)} contains NaN/Inf values; the file "
+                                    "is broken (re-export it) and was not applied")
         with self._lock:
             self.reads += 1
             self._files[ident] = tensors
@@ -86,11 +98,11 @@ class LoraFileCache:
                 self._files.pop(ident, None)
         return tensors
 
-    def derived(self, path: str, name, compute):
+    def derived(self, path: str, name, compute, label: str | None = None):
         """A value computed from the tensors of ``path`` (e.g. its mapping onto a model's keys), kept with the
         file's cache entry: ``compute(tensors)`` runs once per file version and ``name``, and the value goes
-        when the file is evicted or changes on disk. Raises what ``load`` raises."""
-        tensors = self.load(path)
+        when the file is evicted or changes on disk. Raises what ``load`` raises (``label`` as there)."""
+        tensors = self.load(path, label)
         ident = self.identity(path)
         with self._lock:
             values = self._derived.setdefault(ident, {})

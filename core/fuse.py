@@ -32,7 +32,10 @@ __all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFact
 
 
 class FuseError(ValueError):
-    """A stack cannot be fused into a weight: shape mismatch or a non-finite result. Names the weight key."""
+    """A stack cannot be fused into a weight: shape mismatch or a non-finite result. Names the weight key (never
+    the internal ``token``, which holds a server path)."""
+
+    __module__ = "batch_lora.core"  # the type's name in ComfyUI's error reports, whatever the install path
 
 
 def _f32(t: torch.Tensor, device) -> torch.Tensor:
@@ -65,7 +68,7 @@ def _lowrank_bound(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None = No
 def _check(factors, key: str, shape: tuple[int, ...], what: str) -> None:
     """Raise FuseError (naming ``key``, the factors and the weight shape) unless ``factors.rows_cols`` fits."""
     if len(shape) < 1 or factors.rows_cols != (shape[0], _inner(shape)):
-        raise FuseError(f"{key}: {type(factors).__name__} {factors.token} has {what}, which does not fit the model "
+        raise FuseError(f"{key}: {type(factors).__name__} has {what}, which does not fit the model "
                         f"weight {tuple(shape)}; the LoRA was made for another model")
 
 
@@ -120,14 +123,14 @@ class LoraFactors:
             down = torch.einsum("jkyx,ki->jiyx", mid.detach().float(), down.detach().float().flatten(1))
         down = down.detach().flatten(1)
         if up.shape[1] != rank:
-            raise FuseError(f"{token}: lora_up has rank {up.shape[1]} but lora_down has rank {rank}")
+            raise FuseError(f"lora_up has rank {up.shape[1]} but lora_down has rank {rank}")
         scale = 1.0 if alpha is None else float(alpha) / rank
         return cls(up, down, scale, token)
 
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError (naming ``key``, the factor and weight shapes) unless ``up @ down`` fits ``shape``."""
         if len(shape) < 2:
-            raise FuseError(f"{key}: LoRA {self.token} patches a weight of shape {tuple(shape)}, not a matrix")
+            raise FuseError(f"{key}: a LoRA patches a weight of shape {tuple(shape)}, not a matrix")
         _check(self, key, shape, f"up {tuple(self.up.shape)} / down {tuple(self.down.shape)}")
 
     def context(self, base: torch.Tensor, device):
@@ -186,7 +189,7 @@ class LohaFactors:
         """Raise FuseError naming ``key`` unless both Hadamard factors fit ``shape``."""
         for a, b, t in ((self.w1_a, self.w1_b, self.t1), (self.w2_a, self.w2_b, self.t2)):
             if self._hada_shape(a, b, t) != (shape[0], _inner(shape)):
-                raise FuseError(f"{key}: LoHa {self.token} has hada factors {tuple(a.shape)} / {tuple(b.shape)}"
+                raise FuseError(f"{key}: LoHa has hada factors {tuple(a.shape)} / {tuple(b.shape)}"
                                 f"{'' if t is None else f' / core {tuple(t.shape)}'}, which do not fit the model "
                                 f"weight {tuple(shape)}; the LoRA was made for another model")
 
@@ -255,10 +258,10 @@ class LokrFactors:
         ``shape``."""
         for j, full, a, b in (("1", self.w1, self.w1_a, self.w1_b), ("2", self.w2, self.w2_a, self.w2_b)):
             if full is None and (a is None or b is None):
-                raise FuseError(f"{key}: LoKr {self.token} has neither lokr_w{j} nor both lokr_w{j}_a and "
+                raise FuseError(f"{key}: LoKr has neither lokr_w{j} nor both lokr_w{j}_a and "
                                 f"lokr_w{j}_b; the file is incomplete (re-export it)")
         if self.t2 is not None and self.t2.ndim != 4:
-            raise FuseError(f"{key}: LoKr {self.token} has a Tucker core lokr_t2 of shape {tuple(self.t2.shape)}, "
+            raise FuseError(f"{key}: LoKr has a Tucker core lokr_t2 of shape {tuple(self.t2.shape)}, "
                             "not [r, r, kh, kw]")
         _check(self, key, shape, f"kron(w1, w2) of shape {self.rows_cols}")
 
@@ -310,7 +313,7 @@ class DiffFactors:
     def check(self, key: str, shape: tuple[int, ...]) -> None:
         """Raise FuseError naming ``key`` unless the diff has exactly the weight's shape."""
         if tuple(self.diff.shape) != tuple(shape):
-            raise FuseError(f"{key}: diff {self.token} has shape {tuple(self.diff.shape)}, which does not fit the "
+            raise FuseError(f"{key}: diff has shape {tuple(self.diff.shape)}, which does not fit the "
                             f"model weight {tuple(shape)}; the LoRA was made for another model")
 
     def context(self, base: torch.Tensor, device):
@@ -364,7 +367,7 @@ class DoraFactors:
         """Raise FuseError naming ``key`` unless ``inner`` and the magnitude vector fit ``shape``."""
         self.inner.check(key, shape)
         if len(shape) < 2 or not (self._on_rows(shape) or self.magnitude.numel() == shape[1]):
-            raise FuseError(f"{key}: DoRA {self.token} has dora_scale {tuple(self.magnitude.shape)}, which fits "
+            raise FuseError(f"{key}: DoRA has dora_scale {tuple(self.magnitude.shape)}, which fits "
                             f"neither the rows nor the input channels of the model weight {tuple(shape)}")
 
     def context(self, base: torch.Tensor, device):

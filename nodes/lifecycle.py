@@ -23,6 +23,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
+import psutil
 import torch
 import comfy.model_management
 import comfy.utils
@@ -30,9 +31,9 @@ from comfy.patcher_extension import CallbacksMP, WrappersMP
 
 from . import dynamic
 from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
-                    wrapper_kind)
+                    return_freed_memory, wrapper_kind)
 
-__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "engines", "release_caches",
+__all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "engines", "release_caches", "RELEASED",
            "check_not_frozen", "describe"]
 
 log = logging.getLogger("comfyui-batch-lora")
@@ -152,20 +153,37 @@ def engines() -> list[tuple[InPlacePatcher, set[str]]]:
             for engine, backup in list(_LOADED.items())]
 
 
-def _sync(engine: InPlacePatcher, backup: dict) -> None:
-    """Tell the engine which of its keys ComfyUI restored (their ``PackBackup`` entry is gone)."""
-    engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
+def _sync(engine: InPlacePatcher, backup: dict) -> set[str]:
+    """Tell the engine which of its keys ComfyUI restored (their ``PackBackup`` entry is gone); returns them."""
+    return engine.forget([k for k in engine.applied_keys if not isinstance(backup.get(k), PackBackup)])
+
+
+RELEASED = {"releases": 0, "bytes": 0, "rss_returned_bytes": 0}
+"""Running totals of free_cache releases (the status route shows them): base-copy bytes dropped, and how far the
+process's RSS fell across each drop and its ``return_freed_memory()`` (measured around the release itself, so
+that later work of the prompt does not blur it)."""
+
+
+def _release(engine: InPlacePatcher) -> int:
+    """Drop the engine's base copies of keys at their base, give the memory back to the OS, record both."""
+    rss = psutil.Process().memory_info().rss
+    freed = engine.release_cache()
+    return_freed_memory()
+    RELEASED["releases"] += 1
+    RELEASED["bytes"] += freed
+    RELEASED["rss_returned_bytes"] += rss - psutil.Process().memory_info().rss
+    return freed
 
 
 def release_caches(patcher) -> int:
-    """Drop the pack's base copies for the keys of ``patcher``'s model that are at their base now; returns the
-    bytes released. (Keys still patched keep theirs until a load restores them: see
-    ``with_stack(release_cache=True)``.)"""
+    """Drop the pack's base copies for the keys of ``patcher``'s model that are at their base now, returning the
+    memory to the OS; returns the bytes released. (Keys still patched keep theirs until a load restores them:
+    see ``with_stack(release_cache=True)``.)"""
     engine = engine_for(patcher.model, create=False)
     if engine is None:
         return 0
     _sync(engine, patcher.backup)
-    return engine.release_cache()
+    return _release(engine)
 
 
 def describe(patcher) -> str:
@@ -229,7 +247,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
         return
     backup = patcher.backup
     _LOADED[engine] = backup
-    _sync(engine, backup)
+    restored_by_comfy = _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
     check_not_frozen(patcher, plan, spec.node if spec is not None else "")
     # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result,
@@ -251,6 +269,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
         if isinstance(exc, ApplyInterrupted):
             raise comfy.model_management.InterruptProcessingException() from exc
         raise
+    report.restored += len(restored_by_comfy - set(plan))  # ComfyUI restored them for the pack at this load
     for key in report.keys:
         entry = backup.get(key)
         if key in engine.applied_keys:
@@ -263,8 +282,8 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
             else:
                 del backup[key]
     if patcher.get_attachment(RELEASE_KEY):
-        engine.release_cache()
-    if report.keys:
+        _release(engine)
+    if report.keys or report.restored:
         log.info("batch-lora: %s: %d keys merged, %d restored, %d unchanged in %.1f ms (%s)",
                  type(patcher.model).__name__, report.merged, report.restored, report.unchanged,
                  report.seconds * 1e3, ", ".join(spec.labels) if spec else "no stack")

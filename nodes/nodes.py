@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import logging
 
+from ..core import return_freed_memory
 from .dynamic import check_finite, is_dynamic
 from .lifecycle import check_not_frozen, describe, release_caches, stack_of, with_stack
-from .stack import FILES, ROW_SHAPES, build_plans, lora_path, parse_entries
+from .stack import FILES, NOT_A_ROW, ROW_SHAPES, build_plans, is_row_key, lora_path, parse_entries
+from .status import prompt_server
 
 log = logging.getLogger("comfyui-batch-lora")
 
@@ -17,10 +19,10 @@ ROW_TOOLTIP = (f"One LoRA row (a file in models/loras, its strengths, on/off): {
 
 class _LoraRows(dict):
     """INPUT_TYPES "optional" dict that also admits any number of ``lora_N`` row inputs (their values are
-    objects, validated by ``parse_entries``); ComfyUI only lists and validates the declared keys."""
+    objects, checked by ``BatchLoraLoader.VALIDATE_INPUTS``); ComfyUI only lists the declared keys."""
 
     def __contains__(self, key):
-        return super().__contains__(key) or (isinstance(key, str) and key.startswith("lora_") and key[5:].isdigit())
+        return super().__contains__(key) or is_row_key(key)
 
     def __getitem__(self, key):
         if not super().__contains__(key) and key in self:
@@ -80,6 +82,17 @@ class BatchLoraLoader:
             }),
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, **inputs):
+        """ComfyUI's validation, before anything runs (POST /prompt answers with the error): every ``lora_N``
+        row through ``parse_entries``' coercion table. Returns True, or the error text naming the row and field.
+        (ComfyUI passes no linked input here: ``lora_stack`` items are checked when the node runs.)"""
+        try:
+            parse_entries({k: v for k, v in inputs.items() if is_row_key(k)})
+        except ValueError as exc:
+            return str(exc)
+        return True
 
     @classmethod
     def IS_CHANGED(cls, model, clip=None, lora_stack=None, unique_id=None, **rows):
@@ -148,10 +161,40 @@ class ResetAdapters:
         if free_cache:
             freed = sum(release_caches(p) for p in (model, clip and clip.patcher) if p is not None)
             freed += FILES.nbytes
-            FILES.clear()
+            FILES.clear()  # its memory goes once no cached stack of any node still holds its factors
+            return_freed_memory()
             log.info("batch-lora: caches freed (%.1f MiB now; base copies of patched keys go when they are "
                      "restored)", freed / 2**20)
         return (out_model, out_clip)
+
+
+def guard_prompt(json_data: dict) -> dict:
+    """ComfyUI ``on_prompt`` handler (POST /prompt, before validation): a Batch LoRA Loader row given as a list is
+    kept as a value, ``{NOT_A_ROW: list}``, which ``VALIDATE_INPUTS`` then refuses, naming the row and showing
+    the list.
+
+    ComfyUI takes any input shaped like ``[node id, output index]`` for a link, declared or not. Validation hands
+    ``VALIDATE_INPUTS`` no value for it (None), and planning follows it (comfy_execution/graph.py
+    ``ExecutionList.add_node``): before this pack validated its rows, a row such as ``["x.safetensors", 1.0]``
+    pointed at no node there and killed the prompt worker (NodeNotFoundError: that prompt ran forever and every
+    later one hung). Returns ``json_data``, changed in place."""
+    prompt = json_data.get("prompt") if isinstance(json_data, dict) else None
+    for node in prompt.values() if isinstance(prompt, dict) else ():
+        inputs = node.get("inputs") if isinstance(node, dict) and node.get("class_type") == "BatchLoraLoader" else None
+        for key, value in inputs.items() if isinstance(inputs, dict) else ():
+            if is_row_key(key) and isinstance(value, list):
+                inputs[key] = {NOT_A_ROW: value}
+    return json_data
+
+
+def register_prompt_guard() -> bool:
+    """Add ``guard_prompt`` to the running ComfyUI server's on_prompt handlers; False (nothing done) without a
+    server."""
+    instance = prompt_server()
+    if instance is None:
+        return False
+    instance.add_on_prompt_handler(guard_prompt)
+    return True
 
 
 NODE_CLASS_MAPPINGS = {"BatchLoraLoader": BatchLoraLoader, "BatchLoraResetAdapters": ResetAdapters}

@@ -8,6 +8,7 @@ and does its own merge (``core.fuse``) and lifecycle.
 """
 from __future__ import annotations
 
+import logging
 import math
 import ntpath
 import os
@@ -20,10 +21,13 @@ import comfy.lora
 import comfy.utils
 import comfy.weight_adapter
 
-from ..core import (DiffFactors, DoraFactors, Factors, LoraFactors, LoraFileCache, LoraFileError, LohaFactors,
-                    LokrFactors, resolve)
+from ..core import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LoraFileCache, LoraFileError,
+                    LohaFactors, LokrFactors, UnsupportedTarget, resolve, shown)
 
-__all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "FILES", "MAX_STRENGTH"]
+__all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "lora_path", "is_row_key", "FILES",
+           "MAX_STRENGTH", "ROW_SHAPES", "NOT_A_ROW"]
+
+log = logging.getLogger("comfyui-batch-lora")
 
 FILES = LoraFileCache()
 """The parsed-LoRA cache shared by every node of this pack."""
@@ -40,12 +44,14 @@ MAX_STRENGTH = 100.0
 
 @dataclass(frozen=True)
 class LoraEntry:
-    """One row of the loader: file name (relative to a loras folder), strengths (dimensionless), on/off."""
+    """One row of the loader: file name (relative to a loras folder), strengths (dimensionless), on/off, and
+    where it came from, for messages (``lora_2``, ``lora_stack[0]``)."""
 
     name: str
     strength_model: float = 1.0
     strength_clip: float = 1.0
     on: bool = True
+    row: str = ""
 
     def tag(self) -> str:
         """The entry in A1111 prompt syntax, as A1111 and Civitai write it into image metadata: the file's base
@@ -91,63 +97,93 @@ class LoraMatch:
         return text
 
 
-def _float(value, what: str) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{what} must be a number, got {value!r}") from None
+ROW_SHAPES = ('{"on": true, "lora": "file.safetensors", "strength_model": 1.0, "strength_clip": 1.0}, or rgthree '
+              'Power Lora Loader\'s {"on": true, "lora": "file.safetensors", "strength": 1.0, "strengthTwo": 1.0}')
+NOT_A_ROW = "__batch_lora_not_a_row__"
+"""Key under which ``nodes.guard_prompt`` keeps a list given as a row (``{NOT_A_ROW: value}``), so that ComfyUI
+does not take it for a node link; ``parse_entries`` refuses it like any other non-object."""
+
+
+def is_row_key(key) -> bool:
+    """Whether an input name is a loader row: ``lora_<digits>``."""
+    return isinstance(key, str) and key.startswith("lora_") and key[5:].isdigit()
+
+
+def _strength(value, field: str) -> float:
+    """The coercion table's strength: a JSON number (int or float; not a boolean, not a string), finite,
+    ``|s| <= MAX_STRENGTH``. Raises ValueError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{field} must be a number, got {shown(value)}")
+    number = float(value)
     if not math.isfinite(number) or abs(number) > MAX_STRENGTH:
-        raise ValueError(f"{what} = {value!r} is not a usable strength (finite, |s| <= {MAX_STRENGTH:g})")
+        raise ValueError(f"{field} = {shown(value)} is not a usable strength (finite, |s| <= {MAX_STRENGTH:g})")
     return number
 
 
-ROW_SHAPES = ('{"on": true, "lora": "file.safetensors", "strength_model": 1.0, "strength_clip": 1.0}, or rgthree '
-              'Power Lora Loader\'s {"on": true, "lora": "file.safetensors", "strength": 1.0, "strengthTwo": 1.0}')
+def _clip_strength(value, model: float, field: str) -> float:
+    """A clip strength: absent or null means the model strength, else as ``_strength``."""
+    return model if value is None else _strength(value, field)
 
 
-def _row_strengths(key: str, row: dict) -> tuple[float, float]:
-    """(strength_model, strength_clip) of one row in either shape (see ``parse_entries``)."""
-    if "strength_model" in row or "strength" not in row:
-        sm = _float(row.get("strength_model", 1.0), f"{key}.strength_model")
-        return sm, _float(row.get("strength_clip", sm), f"{key}.strength_clip")
-    sm = _float(row["strength"], f"{key}.strength")
-    two = row.get("strengthTwo")
-    return sm, (sm if two is None else _float(two, f"{key}.strengthTwo"))
+def _name(value, field: str) -> str | None:
+    """A file name: a non-empty string; null, "" and "None" (an empty row of the UI) give None (row skipped)."""
+    if value is None or value in ("", "None"):
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"{field} must be a file name (a string), got {shown(value)}")
+    return value
+
+
+def _row(key: str, row) -> LoraEntry | None:
+    """One ``lora_N`` row through the coercion table (README "Row values"), or None for a row that is off or
+    names no file. Raises ValueError naming the row and field."""
+    if not isinstance(row, dict) or NOT_A_ROW in row:
+        raise ValueError(f"{key} must be an object like {ROW_SHAPES}; got "
+                         f"{shown(row[NOT_A_ROW] if isinstance(row, dict) else row)}")
+    if "lora" not in row:
+        raise ValueError(f"{key} has no \"lora\" field; it must be an object like {ROW_SHAPES}")
+    on = row.get("on", True)
+    if not isinstance(on, bool):
+        raise ValueError(f"{key}.on must be true or false, got {shown(on)}")
+    name = _name(row["lora"], f"{key}.lora")
+    if "strength_model" in row or "strength" not in row:  # this pack's shape
+        sm = _strength(row.get("strength_model", 1.0), f"{key}.strength_model")
+        sc = _clip_strength(row.get("strength_clip"), sm, f"{key}.strength_clip")
+    else:  # rgthree Power Lora Loader's (power_lora_loader.py: strengthTwo is the clip strength)
+        sm = _strength(row["strength"], f"{key}.strength")
+        sc = _clip_strength(row.get("strengthTwo"), sm, f"{key}.strengthTwo")
+    return LoraEntry(name, sm, sc, row=key) if on and name is not None else None
 
 
 def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
     """Normalise the loader's inputs into entries, in order: ``lora_stack`` first, then ``lora_1``, ``lora_2``...
+    Every value goes through one strict coercion table (README "Row values"):
 
-    Args:
-        rows: ``{"lora_N": row}``, each row in this pack's shape ``{"on", "lora", "strength_model",
-            "strength_clip"}`` or in rgthree Power Lora Loader's ``{"on", "lora", "strength", "strengthTwo"}``
-            (rgthree power_lora_loader.py: ``strengthTwo`` is the clip strength). A missing or null clip strength
-            means the same as the model strength; rows that are off or name no file are skipped; other keys
-            (e.g. rgthree's ``PowerLoraLoaderHeaderWidget``) are ignored.
-        lora_stack: optional LORA_STACK list of ``(name, strength_model, strength_clip)`` tuples (Comfyroll /
-            Efficiency stackers).
+    - a row is an object in this pack's shape ``{"on", "lora", "strength_model", "strength_clip"}`` or in rgthree
+      Power Lora Loader's ``{"on", "lora", "strength", "strengthTwo"}``; its other keys are ignored;
+    - ``on``: true or false (absent: true); ``lora``: a string (null, "" or "None": the row is skipped);
+    - strengths: JSON numbers, finite, ``|s| <= MAX_STRENGTH`` (absent model strength: 1.0); a clip strength that
+      is absent or null means the model strength;
+    - a ``lora_stack`` item (Comfyroll / Efficiency stackers' LORA_STACK) is ``(name, strength_model,
+      strength_clip)`` with the same rules.
+
+    Args: rows: ``{"lora_N": row}`` (other keys ignored); lora_stack: optional LORA_STACK list.
     Raises:
-        ValueError: malformed row, non-finite or absurd strength, or the same file listed twice (names it).
+        ValueError: anything else, naming the row and the field (values echoed cut short).
     """
     entries = []
     for i, item in enumerate(lora_stack or ()):
+        where = f"lora_stack[{i}]"
         if not isinstance(item, (list, tuple)) or len(item) != 3:
-            raise ValueError(f"lora_stack item {i} must be (name, strength_model, strength_clip), got {item!r}")
-        entries.append(LoraEntry(str(item[0]), _float(item[1], f"lora_stack[{i}] strength_model"),
-                                 _float(item[2], f"lora_stack[{i}] strength_clip")))
-    names = sorted((k for k in rows if k.startswith("lora_") and k[5:].isdigit()), key=lambda k: int(k[5:]))
-    for key in names:
-        row = rows[key]
-        if not isinstance(row, dict) or "lora" not in row:
-            raise ValueError(f"{key} must be an object like {ROW_SHAPES}; got {row!r}")
-        if not row.get("on", True) or row["lora"] in (None, "", "None"):
-            continue
-        entries.append(LoraEntry(str(row["lora"]), *_row_strengths(key, row)))
-    seen = set()
-    for e in entries:
-        if e.name in seen:
-            raise ValueError(f"LoRA {e.name!r} is listed twice; merge the rows into one (strengths add up)")
-        seen.add(e.name)
+            raise ValueError(f"{where} must be (name, strength_model, strength_clip), got {shown(item)}")
+        name = _name(item[0], f"{where} name")
+        sm = _strength(item[1], f"{where} strength_model")
+        if name is not None:
+            entries.append(LoraEntry(name, sm, _clip_strength(item[2], sm, f"{where} strength_clip"), row=where))
+    for key in sorted((k for k in rows if is_row_key(k)), key=lambda k: int(k[5:])):
+        entry = _row(key, rows[key])
+        if entry is not None:
+            entries.append(entry)
     return entries
 
 
@@ -160,19 +196,22 @@ def lora_path(name: str) -> str:
 
     Raises:
         LoraFileError: absolute name, a ``..`` component, the file is missing, or it leads outside the loras
-            folders (names the file and what to do).
+            folders (names the file as given and what to do; the folders and a link's target go to the server
+            log only).
     """
     folders = folder_paths.get_folder_paths("loras")
     parts = name.replace("\\", "/").split("/")
     if not name or "\x00" in name or posixpath.isabs(name) or ntpath.isabs(name) or ".." in parts:
-        raise LoraFileError(f"LoRA name {name!r} must be a file name relative to the loras folder(s) {folders}, "
+        raise LoraFileError(f"LoRA name {shown(name)} must be a file name relative to the loras folder, "
                             "without '..' or an absolute path; pick the file from the list")
     path = folder_paths.get_full_path("loras", name)
     if path is None:
-        raise LoraFileError(f"LoRA {name!r} is not in the loras folder(s) {folders}; check the name")
+        log.warning("batch-lora: LoRA %r is in none of the loras folders %s", name, folders)
+        raise LoraFileError(f"LoRA {shown(name)} is not in the loras folder; check the name")
     real = os.path.realpath(path)
     if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in folders):
-        raise LoraFileError(f"LoRA {name!r} is a link to {real}, outside the loras folder(s) {folders}; add that "
+        log.warning("batch-lora: LoRA %r is a link to %s, outside the loras folders %s", name, real, folders)
+        raise LoraFileError(f"LoRA {shown(name)} is a link that leads outside the loras folder; add that "
                             "folder as a loras path in extra_model_paths.yaml instead of linking to it")
     return path
 
@@ -187,8 +226,9 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         ``(unet_plan, clip_plan, matches, unet_signature, clip_signature)``: plans map weight key -> list of
         ``(strength, factors)``; a signature is a text naming the files (path, size, mtime) and that side's
         strengths, in order, so a strength_model edit does not re-bake the text encoder and vice versa.
-    Raises:
+    Raises (each message starting with the entry's row, e.g. ``lora_2: ...``):
         LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
+        ValueError: two entries are the same file (by device and inode: whatever the spelling or link).
         FuseError: a factor's shape does not fit the model weight (the LoRA is for another architecture).
         UnsupportedTarget: a touched weight is quantized (int8), names the key.
         NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
@@ -200,24 +240,37 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
     matches, unet_signature, clip_signature = [], [], []
+    files: dict[tuple[int, int], LoraEntry] = {}  # (st_dev, st_ino) -> the first entry naming that file
     for entry in entries:
-        path = lora_path(entry.name)
-        ident = FILES.identity(path)
-        mapped, unmatched = FILES.derived(path, ("mapping", maps_id),
-                                          lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map))
-        skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
-        match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
-                          skipped=len(skipped))
-        for key, factors, in_unet in mapped:
-            target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
-            factors.check(key, tuple(resolve(target.model, key).param.shape))
-            if strength != 0.0:
-                (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
-            match.kinds[_KINDS[type(factors)]] += 1
-            if in_unet:
-                match.unet_keys += 1
-            else:
-                match.clip_keys += 1
+        try:
+            path = lora_path(entry.name)
+            st = os.stat(path)
+            first = files.setdefault((st.st_dev, st.st_ino), entry)
+            if first is not entry:
+                raise ValueError(f"LoRA {shown(entry.name)} is the same file as {first.row} ({shown(first.name)});"
+                                 " merge the rows into one (strengths add up)")
+            ident = FILES.identity(path, entry.name)
+            mapped, unmatched = FILES.derived(
+                path, ("mapping", maps_id), lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map),
+                label=entry.name)
+            skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
+            match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
+                              skipped=len(skipped))
+            for key, factors, in_unet in mapped:
+                target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
+                try:
+                    factors.check(key, tuple(resolve(target.model, key).param.shape))
+                except FuseError as exc:
+                    raise FuseError(f"LoRA {shown(entry.name)}: {exc}") from exc
+                if strength != 0.0:
+                    (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
+                match.kinds[_KINDS[type(factors)]] += 1
+                if in_unet:
+                    match.unet_keys += 1
+                else:
+                    match.clip_keys += 1
+        except (LoraFileError, ValueError, UnsupportedTarget, NotImplementedError) as exc:
+            raise type(exc)(f"{entry.row}: {exc}") from exc
         matches.append(match)
         unet_signature.append(f"{ident}:{entry.strength_model!r}")
         clip_signature.append(f"{ident}:{entry.strength_clip!r}")
@@ -254,12 +307,13 @@ def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: 
     try:
         patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:  # ComfyUI's parser on a broken set
-        raise LoraFileError(f"LoRA {name!r}: its tensors do not form a complete LoRA/LyCORIS module set "
-                            f"({type(exc).__name__}: {exc}); the file is incomplete or corrupt - re-export "
-                            "it") from exc
+        raise LoraFileError(f"LoRA {shown(name)}: its tensors do not form a complete LoRA/LyCORIS module set "
+                            f"({type(exc).__name__}: {shown(str(exc), 200)}); the file is incomplete or corrupt - "
+                            "re-export it") from exc
     if not patches:
-        raise LoraFileError(f"LoRA {name!r}: none of its {len(tensors)} tensors match this model "
-                            f"(e.g. {sorted(tensors)[:3]}); it is for another architecture or not a LoRA")
+        raise LoraFileError(f"LoRA {shown(name)}: none of its {len(tensors)} tensors match this model (e.g. "
+                            f"{', '.join(shown(k, 80) for k in sorted(tensors)[:3])}); it is for another "
+                            "architecture or not a LoRA")
     unet_keys = set(unet_map.values())
     mapped = [(key, _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"),
                key in unet_keys or _weight_of(key) in unet_keys) for key, adapter in patches.items()]
@@ -297,14 +351,14 @@ def _factors(name: str, key, adapter, token: str) -> Factors:
             ``reshape_weight``, OFT/BOFT/GLoRA (names the file and key; the stock LoraLoader handles them).
     """
     if not isinstance(key, str):
-        raise NotImplementedError(f"LoRA {name!r}: key {key!r} patches part of a fused weight, which this pack "
+        raise NotImplementedError(f"LoRA {shown(name)}: key {shown(key)} patches part of a fused weight, which this pack "
                                   "does not fuse yet; use the stock LoraLoader for this file")
     if isinstance(adapter, tuple) and adapter[0] == "diff":
         return DiffFactors(adapter[1][0].detach(), token)
     if isinstance(adapter, comfy.weight_adapter.LoRAAdapter):
         up, down, alpha, mid, dora_scale, reshape = adapter.weights
         if reshape is not None:
-            raise NotImplementedError(f"LoRA {name!r}: {key} uses reshape_weight, which this pack does not fuse "
+            raise NotImplementedError(f"LoRA {shown(name)}: {key} uses reshape_weight, which this pack does not fuse "
                                       "yet; use the stock LoraLoader for this file")
         inner = LoraFactors.from_tensors(up, down, alpha, token, mid=mid)
     elif isinstance(adapter, comfy.weight_adapter.LoHaAdapter):
@@ -317,6 +371,6 @@ def _factors(name: str, key, adapter, token: str) -> Factors:
         inner = LokrFactors(w1, w1a, w1b, w2, w2a, w2b, t2, scale, token)
     else:
         kind = adapter[0] if isinstance(adapter, tuple) else type(adapter).__name__
-        raise NotImplementedError(f"LoRA {name!r}: {key} is a {kind} patch, which this pack does not fuse yet; "
+        raise NotImplementedError(f"LoRA {shown(name)}: {key} is a {kind} patch, which this pack does not fuse yet; "
                                   "use the stock LoraLoader for this file")
     return inner if dora_scale is None else DoraFactors(inner, dora_scale.detach(), token)

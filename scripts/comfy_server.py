@@ -228,7 +228,8 @@ class ComfyServer:
         200: {"prompt_id", "number", "node_errors"}; 400: {"error": {...}, "node_errors": {...}}.
         """
         body = {"prompt": prompt, "client_id": self.client_id, **fields}
-        return self.post("/prompt", json=body)
+        # json.dumps, not requests' json=: NaN/Infinity are sent as Python's json writes them (and the server reads)
+        return self.post("/prompt", data=json.dumps(body), headers={"Content-Type": "application/json"})
 
     def queue(self, prompt: dict, timeout=300.0, **fields) -> dict:
         """Queue an API-format prompt, wait until it finished, and return its history entry.

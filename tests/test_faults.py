@@ -64,35 +64,31 @@ def stack_prompt(*stack, with_clip=True, tag="faults"):
     return soak.prompt_for("stack", stack, with_clip, tag=tag)
 
 
-def queue_json(server, prompt):
-    """POST a prompt whose JSON may hold NaN/Infinity (Python's json, like aiohttp's, reads them)."""
-    body = json.dumps({"prompt": prompt, "client_id": server.client_id}, allow_nan=True)
-    r = server.post("/prompt", data=body, headers={"Content-Type": "application/json"})
-    assert r.status_code == 200, r.text
-    return server.wait(r.json()["prompt_id"], timeout=900)
-
-
 def test_bad_input_fails_by_name_and_the_server_keeps_serving(server):
     good = stack_prompt((A, 0.8, 1.0), (C, 0.6, 0.5))
     ref, plain = latent(server, good), latent(server, soak.prompt_for("plain"))
-    bad = {
-        "truncated.safetensors.*not a valid safetensors": [("truncated.safetensors", 1.0, 1.0)],
-        "embedding.safetensors.*none of its 1 tensors match": [("embedding.safetensors", 1.0, 1.0)],
-        r"'\.\./loras/kohya_a.safetensors' must be a file name relative": [("../loras/" + A, 1.0, 1.0)],
-        r"'/etc/hostname' must be a file name relative": [("/etc/hostname", 1.0, 1.0)],
-        "link_outside.safetensors.*is a link to .*outside the loras folder": [("link_outside.safetensors", 1., 1.)],
-        "kohya_a.safetensors.*listed twice": [(A, 1.0, 1.0), (A, 0.5, 0.5)],
-        "lora_3.strength_model = 1000000.0": [(C, 0.5, 0.5), (A, 1e6, 1.0)],
+    bad = {  # message: (stack, how the prompt fails: "execution" when the node runs, "validation" at POST /prompt)
+        "truncated.safetensors.*not a valid safetensors": ([("truncated.safetensors", 1.0, 1.0)], "execution"),
+        "embedding.safetensors.*none of its 1 tensors match": ([("embedding.safetensors", 1.0, 1.0)], "execution"),
+        r"'\.\./loras/kohya_a.safetensors' must be a file name relative": ([("../loras/" + A, 1.0, 1.0)], "execution"),
+        r"'/etc/hostname' must be a file name relative": ([("/etc/hostname", 1.0, 1.0)], "execution"),
+        "link_outside.safetensors.*is a link that leads outside the loras folder": (
+            [("link_outside.safetensors", 1., 1.)], "execution"),
+        r"lora_3: LoRA 'kohya_a.safetensors' is the same file as lora_2": ([(A, 1.0, 1.0), (A, 0.5, 0.5)],
+                                                                            "execution"),
+        "lora_3.strength_model = 1000000.0": ([(C, 0.5, 0.5), (A, 1e6, 1.0)], "validation"),
     }
-    for pattern, stack in bad.items():
+    for pattern, (stack, kind) in bad.items():
         with pytest.raises(PromptError, match=pattern) as info:
             server.queue(stack_prompt((B, 0.7, 0.7), *stack, tag="bad"), timeout=900)
-        assert info.value.kind == "execution" and info.value.details["node_type"] == "BatchLoraLoader"
+        assert info.value.kind == kind
+        assert kind == "validation" or info.value.details["node_type"] == "BatchLoraLoader"
     for value, field in ((float("inf"), "strength_model"), (float("nan"), "strength_clip")):
         prompt = stack_prompt((A, 0.8, 1.0))
-        prompt[soak.LOADER]["inputs"]["lora_1"][field] = value
-        with pytest.raises(PromptError, match=f"lora_1.{field}"):
-            queue_json(server, prompt)
+        prompt[soak.LOADER]["inputs"]["lora_1"][field] = value  # sent as JSON's Infinity / NaN
+        with pytest.raises(PromptError, match=f"lora_1.{field}") as info:
+            server.queue(prompt, timeout=900)
+        assert info.value.kind == "validation"
     assert torch.equal(latent(server, good), ref)
     assert torch.equal(latent(server, soak.prompt_for("plain")), plain)
     assert torch.equal(latent(server, soak.prompt_for("empty")), plain)  # an empty stack is a no-op

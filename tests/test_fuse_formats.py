@@ -1,6 +1,8 @@
 """core.fuse factor sets beyond plain LoRA (LoHa, LoKr, diff, DoRA) with plain torch: the row-blocked in-place
 merge against a dense float64 evaluation of each format's definition (see tests/test_formats.py for the sources),
 across many row blocks (the DoRA input-channel norm sums over blocks), and shape errors naming the key."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -88,18 +90,22 @@ def test_row_blocked_fuse_matches_float64_definition(monkeypatch, names, dtype):
     assert not torch.equal(param.data, base)
 
 
-def test_shape_errors_name_the_key():
+def test_shape_errors_name_the_key_and_never_the_token():
+    """The key and the shapes; never the factors' internal token (in the pack it holds a server path)."""
     base = torch.zeros(SHAPE)
-    with pytest.raises(FuseError, match=r"k\.weight: LokrFactors k1 has kron\(w1, w2\) of shape \(24, 54\).*\(12, 6, 3, 3\)"):
-        fused_weight("k.weight", torch.zeros(12, IN, K, K), [(1.0, FACTORS["lokr-full"])], torch.float32)
-    with pytest.raises(FuseError, match=r"k\.weight: diff diff has shape"):
-        fused_weight("k.weight", torch.zeros(OUT, IN, 1, 1), [(1.0, FACTORS["diff"])], torch.float32)
-    bad = DoraFactors(FACTORS["loha"], torch.ones(1, 5), "bad-dora")
-    with pytest.raises(FuseError, match=r"k\.weight: DoRA bad-dora has dora_scale \(1, 5\)"):
-        fused_weight("k.weight", base, [(1.0, bad)], torch.float32)
     loha = FACTORS["loha-tucker"]
-    with pytest.raises(FuseError, match=r"k\.weight: LoHa loha-t has hada factors \(2, 24\) / \(2, 6\) / core"):
-        fused_weight("k.weight", torch.zeros(OUT, IN, 1, 1), [(1.0, loha)], torch.float32)
     half = LokrFactors(None, None, None, FACTORS["lokr-full"].w2, None, None, None, 1.0, "only-w2")
-    with pytest.raises(FuseError, match=r"k\.weight: LoKr only-w2 has neither lokr_w1 nor both"):
-        fused_weight("k.weight", base, [(1.0, half)], torch.float32)
+    bad = DoraFactors(FACTORS["loha"], torch.ones(1, 5), "bad-dora")
+    cases = [
+        (torch.zeros(12, IN, K, K), FACTORS["lokr-full"],
+         r"k\.weight: LokrFactors has kron\(w1, w2\) of shape \(24, 54\).*\(12, 6, 3, 3\)"),
+        (torch.zeros(OUT, IN, 1, 1), FACTORS["diff"], r"k\.weight: diff has shape"),
+        (base, bad, r"k\.weight: DoRA has dora_scale \(1, 5\)"),
+        (torch.zeros(OUT, IN, 1, 1), loha, r"k\.weight: LoHa has hada factors \(2, 24\) / \(2, 6\) / core"),
+        (base, half, r"k\.weight: LoKr has neither lokr_w1 nor both"),
+    ]
+    for weight, factors, pattern in cases:
+        factors = dataclasses.replace(factors, token="/srv/private/models/loras/x.safetensors@123:456#k.weight")
+        with pytest.raises(FuseError, match=pattern) as info:
+            fused_weight("k.weight", weight, [(1.0, factors)], torch.float32)
+        assert "/srv/private" not in str(info.value)
