@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     base = Path(tempfile.mkdtemp(prefix="dynamic-vram-bench-"))
     fx.make_fixtures(base)
     for kind in ("checkpoints", "loras"):
-        folder_paths.folder_names_and_paths[kind] = ([str(base / "models" / kind)], folder_paths.supported_pt_extensions)
+        folder_paths.folder_names_and_paths[kind] = ([str(base / "models" / kind)],
+                                                     folder_paths.supported_pt_extensions)
     ckpt = str(base / "models" / "checkpoints" / fx.CHECKPOINT_NAME)
     results = {}
     with torch.inference_mode():

@@ -351,8 +351,8 @@ def _factors(name: str, key, adapter, token: str) -> Factors:
             ``reshape_weight``, OFT/BOFT/GLoRA (names the file and key; the stock LoraLoader handles them).
     """
     if not isinstance(key, str):
-        raise NotImplementedError(f"LoRA {shown(name)}: key {shown(key)} patches part of a fused weight, which this pack "
-                                  "does not fuse yet; use the stock LoraLoader for this file")
+        raise NotImplementedError(f"LoRA {shown(name)}: key {shown(key)} patches part of a fused weight, which this "
+                                  "pack does not fuse yet; use the stock LoraLoader for this file")
     if isinstance(adapter, tuple) and adapter[0] == "diff":
         return DiffFactors(adapter[1][0].detach(), token)
     if isinstance(adapter, comfy.weight_adapter.LoRAAdapter):

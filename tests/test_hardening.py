@@ -122,7 +122,8 @@ def test_null_clip_strength_means_the_model_strength_in_both_shapes(server):
     rows = {"lora_1": {"on": True, "lora": A, "strength_model": 0.8, "strength_clip": None},
             "lora_2": {"on": True, "lora": C, "strength": 0.6, "strengthTwo": None},
             "lora_3": {"on": True, "lora": B, "strength_model": -0.5, "strength_clip": -0.5}}
-    explicit = {"lora_1": dict(ROW, strength_clip=0.8), "lora_2": dict(ROW, lora=C, strength_model=0.6, strength_clip=0.6),
+    explicit = {"lora_1": dict(ROW, strength_clip=0.8),
+                "lora_2": dict(ROW, lora=C, strength_model=0.6, strength_clip=0.6),
                 "lora_3": rows["lora_3"]}
     assert torch.equal(latent(server, prompt(rows=rows, seed=7)), latent(server, prompt(rows=explicit, seed=7)))
 
@@ -132,7 +133,8 @@ def test_null_clip_strength_means_the_model_strength_in_both_shapes(server):
 def test_one_file_under_another_spelling_is_one_file(server, second):
     error = rejected(server, prompt(rows={"lora_1": ROW, "lora_2": dict(ROW, lora=second)}))
     assert error.kind == "execution"
-    assert_clean(server, error, r"lora_2: LoRA .* is the same file as lora_1 \('kohya_a\.safetensors'\); merge the rows")
+    assert_clean(server, error,
+                 r"lora_2: LoRA .* is the same file as lora_1 \('kohya_a\.safetensors'\); merge the rows")
 
 
 @pytest.mark.parametrize("name, pattern, exc_type", [

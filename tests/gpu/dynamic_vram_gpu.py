@@ -48,7 +48,8 @@ def main(argv=None) -> int:
     for mode, flags in MODES.items():
         env = {"BATCH_LORA_SERVER_DEVICE": "gpu", "BATCH_LORA_SERVER_ARGS": flags, "PYTHONUNBUFFERED": "1"}
         t0 = time.perf_counter()
-        tests_rc = run([sys.executable, "-m", "pytest", "-q", "tests/test_server.py"], env, args.out / f"{mode}_tests.log")
+        tests_rc = run([sys.executable, "-m", "pytest", "-q", "tests/test_server.py"], env,
+                       args.out / f"{mode}_tests.log")
         work = args.out / f"main_job_{mode}"
         job_rc = run([sys.executable, "scripts/main_job.py", "--runs", str(args.runs), "--work", str(work),
                       "--naive-cycles", "10"], env, args.out / f"{mode}_main_job.log")
