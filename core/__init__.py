@@ -10,12 +10,12 @@ from .backends import Target, UnsupportedTarget, frozen_reason, resolve, wrapper
 from .cache import BaseCache, CacheBudgetError, return_freed_memory
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError, shown
-from .fuse import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LohaFactors, LokrFactors, Term,
-                   fuse_into, fused_weight, surely_finite)
+from .fuse import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LohaFactors, LokrFactors, SliceFactors,
+                   Term, fuse_into, fused_weight, surely_finite)
 
 __all__ = [
     "Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError",
     "return_freed_memory", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher", "LoraFileCache",
     "LoraFileError", "shown", "FuseError", "LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors",
-    "Factors", "Term", "fuse_into", "fused_weight", "surely_finite"
+    "SliceFactors", "Factors", "Term", "fuse_into", "fused_weight", "surely_finite"
 ]

@@ -15,6 +15,10 @@ where ``delta_i`` is what one LoRA file contributes at strength 1 (every format 
 - ``LohaFactors`` (LyCORIS LoHa), ``LokrFactors`` (LyCORIS LoKr), ``DiffFactors`` (full/diff weight patches) and
   ``DoraFactors`` (DoRA magnitude normalisation around any of the others): dense deltas, computed per row block
   and added to the block after the batched LoRA matmul.
+- ``SliceFactors``: any of the above on rows ``start:start+length`` of a fused weight (ComfyUI's offset patches,
+  e.g. the q/k/v thirds of Flux ``img_attn.qkv``); the delta is 0 outside the slice. A key's rows are cut into
+  segments at every slice boundary; in each segment the LoRA terms that cover it (whole-weight and slice alike)
+  form one matmul, so several slices and several files on one key are still one pass.
 
 Every factor class has ``token`` (identity of the source), ``check(key, shape)`` and ``delta_rows``; the merge
 runs in row blocks (``fuse_into``) so only the base and the weight cross main memory.
@@ -27,7 +31,7 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "Factors", "Term",
+__all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "SliceFactors", "Factors", "Term",
            "fused_weight", "fuse_into", "surely_finite", "FuseError"]
 
 
@@ -401,7 +405,45 @@ class DoraFactors:
         return float(_absmax(self.magnitude)) + base_absmax
 
 
-Factors = Union[LoraFactors, LohaFactors, LokrFactors, DiffFactors, DoraFactors]
+WholeFactors = Union[LoraFactors, LohaFactors, LokrFactors, DiffFactors, DoraFactors]
+
+
+@dataclass(frozen=True, eq=False)
+class SliceFactors:
+    """A patch of rows ``start:start+length`` of a fused weight: ``delta[start:start+length] = inner's delta``,
+    0 elsewhere.
+
+    This is ComfyUI's offset patch ``((key, (0, start, length)), adapter)``: its LoRA key maps put the separate
+    q/k/v (and MLP) projections that diffusers, PEFT, ai-toolkit and SimpleTuner train onto slices of the fused
+    weights of the checkpoint, e.g. Flux ``double_blocks.N.img_attn.qkv.weight`` (``[3h, h]``, q/k/v thirds)
+    and ``single_blocks.N.linear1.weight`` (``[7h, h]``: q, k, v, then the MLP's ``4h`` rows), SD3
+    ``joint_blocks.N.x_block.attn.qkv.weight`` (comfy/utils.py ``flux_to_diffusers``, ``mmdit_to_diffusers``).
+    ComfyUI applies the adapter to ``weight.narrow(0, start, length)`` (comfy/lora.py ``calculate_weight``);
+    this is the same delta. Only row slices (dim 0) exist in ComfyUI's key maps, so only they are modelled.
+
+    Attributes:
+        inner: the factors of the slice (their shapes fit ``[length, *in_dims]``; DoRA norms are the slice's).
+        start, length: the slice's first row and row count. token: as ``LoraFactors.token`` (names the slice).
+    """
+
+    inner: WholeFactors
+    start: int
+    length: int
+    token: str
+
+    def check(self, key: str, shape: tuple[int, ...]) -> None:
+        """Raise FuseError naming ``key`` unless the rows fit the weight and ``inner`` fits the slice."""
+        if len(shape) < 1 or self.start < 0 or self.length < 1 or self.start + self.length > shape[0]:
+            raise FuseError(f"{key}: a patch of rows {self.start}:{self.start + self.length} does not fit the "
+                            f"model weight {tuple(shape)}; the LoRA was made for another model")
+        self.inner.check(key, (self.length, *shape[1:]))
+
+    def bound(self, base_absmax: float) -> float:
+        """``inner``'s bound (the delta is 0 outside the slice)."""
+        return self.inner.bound(base_absmax)
+
+
+Factors = Union[WholeFactors, SliceFactors]
 
 Term = tuple[float, Factors]
 """``(strength, factors)``: one LoRA's contribution to one weight key; strength is strength_model or
@@ -425,33 +467,64 @@ def _non_finite(key: str) -> FuseError:
                      "nothing was changed - check the LoRA file and the strengths")
 
 
+def _rows_of(factors: Factors, rows: int) -> tuple[WholeFactors, int, int]:
+    """``(whole-weight factors, first row, end row)`` of a term on a weight with ``rows`` rows."""
+    if type(factors) is SliceFactors:
+        return factors.inner, factors.start, factors.start + factors.length
+    return factors, 0, rows
+
+
 class _Merge:
-    """One key's merge, evaluated per row block: ``base + U @ D`` (all plain LoRA terms in one matmul), then each
-    dense term's ``s * delta_rows`` added, all in float32."""
+    """One key's merge, evaluated per row block: ``base + U @ D`` (the plain LoRA terms covering the block in one
+    matmul), then each dense term's ``s * delta_rows`` added, all in float32.
+
+    The rows are cut into segments at every slice boundary (``SliceFactors``); a block never crosses a segment,
+    and each segment has its own ``(U, D)`` (``D`` shared by segments with the same LoRA terms)."""
 
     def __init__(self, key: str, base: torch.Tensor, terms: Sequence[Term], device):
         for _, f in terms:
             f.check(key, tuple(base.shape))
         self.base = base.reshape(base.shape[0], -1)
         self.device = device
-        lora = [(s, f) for s, f in terms if type(f) is LoraFactors]
-        self.ud = None
-        if lora:
-            self.ud = (torch.cat([_f32(f.up, device) * (float(s) * f.scale) for s, f in lora], dim=1),
-                       torch.cat([_f32(f.down, device) for _, f in lora], dim=0))
-        self.dense = [(float(s), f, f.context(self.base, device)) for s, f in terms if type(f) is not LoraFactors]
+        rows = self.base.shape[0]
+        placed = [(float(s), *_rows_of(f, rows)) for s, f in terms]
+        plain = [type(f) is LoraFactors for _, f, _, _ in placed]
+        contexts = [None if plain[i] else f.context(self.base[lo:hi], device) for i, (_, f, lo, hi) in enumerate(placed)]
+        cuts = sorted({0, rows, *(lo for *_, lo, _ in placed), *(hi for *_, hi in placed)})
+        downs: dict[tuple[int, ...], torch.Tensor] = {}
+        self.segments = []  # (r0, r1, (U [r1-r0, R], D [R, inner]) or None, [(s, factors, ctx, first row)])
+        for r0, r1 in zip(cuts, cuts[1:]):
+            inside = [i for i, (_, _, lo, hi) in enumerate(placed) if lo <= r0 and r1 <= hi]
+            lora = [i for i in inside if plain[i]]
+            ud = None
+            if lora:
+                key_set = tuple(lora)
+                if key_set not in downs:
+                    downs[key_set] = torch.cat([_f32(placed[i][1].down, device) for i in lora], dim=0)
+                ud = (torch.cat([_f32(f.up[r0 - lo:r1 - lo], device) * (s * f.scale)
+                                 for s, f, lo, _ in (placed[i] for i in lora)], dim=1), downs[key_set])
+            dense = [(placed[i][0], placed[i][1], contexts[i], placed[i][2]) for i in inside if i not in lora]
+            self.segments.append((r0, r1, ud, dense))
 
-    def rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor:
-        """Write rows ``r0:r1`` of the fp32 merge into ``out`` (``[r1-r0, inner]`` float32) and return it."""
+    def blocks(self, step: int):
+        """``(r0, r1, segment)`` row blocks of at most ``step`` rows, none crossing a segment boundary."""
+        for segment in self.segments:
+            for r0 in range(segment[0], segment[1], step):
+                yield r0, min(segment[1], r0 + step), segment
+
+    def rows(self, r0: int, r1: int, segment, out: torch.Tensor) -> torch.Tensor:
+        """Write rows ``r0:r1`` (inside ``segment``) of the fp32 merge into ``out`` (``[r1-r0, inner]`` float32)
+        and return it."""
+        start, _, ud, dense = segment
         base = self.base[r0:r1]
-        if self.ud is not None:
-            torch.addmm(_f32(base, self.device), self.ud[0][r0:r1], self.ud[1], out=out)
+        if ud is not None:
+            torch.addmm(_f32(base, self.device), ud[0][r0 - start:r1 - start], ud[1], out=out)
         else:
             out.copy_(base)
-        if self.dense:
+        if dense:
             base32 = _f32(base, self.device)
-            for s, f, ctx in self.dense:
-                out.add_(f.delta_rows(ctx, base32, r0, r1), alpha=s)
+            for s, f, ctx, first in dense:
+                out.add_(f.delta_rows(ctx, base32, r0 - first, r1 - first), alpha=s)
         return out
 
 
@@ -534,9 +607,8 @@ def _fuse_blocks(key: str, data: torch.Tensor, base: torch.Tensor, terms: Sequen
     step = max(BLOCK_MIN_ROWS, BLOCK_ELEMENTS // flat.shape[1])
     scratch = torch.empty(min(step, out_rows), flat.shape[1], dtype=torch.float32, device=data.device)
     limit = _square_limit(data.dtype)
-    for r0 in range(0, out_rows, step):
-        r1 = min(out_rows, r0 + step)
-        block, out = flat[r0:r1], merge.rows(r0, r1, scratch[: r1 - r0])
+    for r0, r1, segment in merge.blocks(step):
+        block, out = flat[r0:r1], merge.rows(r0, r1, segment, scratch[: r1 - r0])
         block.copy_(out)
         if not _block_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

@@ -22,7 +22,7 @@ import comfy.utils
 import comfy.weight_adapter
 
 from ..core import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LoraFileCache, LoraFileError,
-                    LohaFactors, LokrFactors, UnsupportedTarget, resolve, shown)
+                    LohaFactors, LokrFactors, SliceFactors, UnsupportedTarget, resolve, shown)
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "lora_path", "is_row_key", "FILES",
            "MAX_STRENGTH", "ROW_SHAPES", "NOT_A_ROW"]
@@ -68,15 +68,17 @@ class LoraEntry:
 @dataclass
 class LoraMatch:
     """What one LoRA file matched: the architecture its keys were mapped for (the model's ComfyUI model_config
-    class, e.g. ``SD15``, ``SDXL``), weight keys mapped to the UNet / text encoder, keys per format (``lora``,
-    ``loha``, ``lokr``, ``diff``, ``dora``), the file's tensors left unmatched (names), and text-encoder tensors
-    skipped because no CLIP is connected (count)."""
+    class, e.g. ``SD15``, ``SDXL``), weight keys touched in the UNet / text encoder, patches per format (``lora``,
+    ``loha``, ``lokr``, ``diff``, ``dora``; one per LoRA module), how many of those patch row slices of fused
+    weights (``SliceFactors``: Flux/SD3 q/k/v in diffusers layout), the file's tensors left unmatched (names), and
+    text-encoder tensors skipped because no CLIP is connected (count)."""
 
     entry: LoraEntry
     arch: str = "?"
     unet_keys: int = 0
     clip_keys: int = 0
     kinds: Counter = field(default_factory=Counter)
+    slices: int = 0
     unmatched: list[str] = field(default_factory=list)
     skipped: int = 0
 
@@ -87,7 +89,7 @@ class LoraMatch:
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
         text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
                 f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched  (for {self.arch}"
-                f"{'; ' + kinds if kinds else ''})")
+                f"{'; ' + kinds if kinds else ''}{f'; {self.slices} on slices of fused weights' if self.slices else ''})")
         if self.skipped:
             text += f", {self.skipped} text-encoder tensors skipped (no CLIP connected)"
         if self.unmatched:
@@ -256,6 +258,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
             skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
             match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
                               skipped=len(skipped))
+            touched = set()
             for key, factors, in_unet in mapped:
                 target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
                 try:
@@ -264,11 +267,15 @@ def build_plans(model, clip, entries: list[LoraEntry]):
                     raise FuseError(f"LoRA {shown(entry.name)}: {exc}") from exc
                 if strength != 0.0:
                     (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
-                match.kinds[_KINDS[type(factors)]] += 1
-                if in_unet:
-                    match.unet_keys += 1
-                else:
-                    match.clip_keys += 1
+                sliced = type(factors) is SliceFactors
+                match.kinds[_KINDS[type(factors.inner if sliced else factors)]] += 1
+                match.slices += sliced
+                if (key, in_unet) not in touched:
+                    touched.add((key, in_unet))
+                    if in_unet:
+                        match.unet_keys += 1
+                    else:
+                        match.clip_keys += 1
         except (LoraFileError, ValueError, UnsupportedTarget, NotImplementedError) as exc:
             raise type(exc)(f"{entry.row}: {exc}") from exc
         matches.append(match)
@@ -314,11 +321,17 @@ def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: 
         raise LoraFileError(f"LoRA {shown(name)}: none of its {len(tensors)} tensors match this model (e.g. "
                             f"{', '.join(shown(k, 80) for k in sorted(tensors)[:3])}); it is for another "
                             "architecture or not a LoRA")
-    unet_keys = set(unet_map.values())
-    mapped = [(key, _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"),
-               key in unet_keys or _weight_of(key) in unet_keys) for key, adapter in patches.items()]
+    unet_keys = {_key_of(key) for key in unet_map.values()}
+    mapped = [(_key_of(key), _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"),
+               _key_of(key) in unet_keys or _weight_of(key) in unet_keys) for key, adapter in patches.items()]
     matched = {x for x, key in key_map.items() if key in patches or _bias_of(key) in patches}
     return mapped, sorted(k for k in tensors if not _has_prefix(k, matched))
+
+
+def _key_of(key) -> str:
+    """The weight key of a ComfyUI patch key: ``key`` itself, or ``key[0]`` of an offset patch
+    ``(key, (dim, start, length)[, function])``."""
+    return key if isinstance(key, str) else key[0]
 
 
 def _weight_of(key):
@@ -346,13 +359,23 @@ def _factors(name: str, key, adapter, token: str) -> Factors:
     DoRA ``dora_scale``, and ``("diff", (tensor,))`` patches; the tensors stay views of the file's. Alpha scales
     follow ComfyUI's adapters (comfy/weight_adapter/lora.py, loha.py, lokr.py).
 
+    An offset patch ``((key, (0, start, length)), adapter)`` (ComfyUI's key maps for fused q/k/v weights, see
+    ``core.SliceFactors``) gives ``SliceFactors`` around the adapter's factors.
+
     Raises:
-        NotImplementedError: a ``(key, offset)`` patch of part of a fused weight, ``set`` patches, LoRA
-            ``reshape_weight``, OFT/BOFT/GLoRA (names the file and key; the stock LoraLoader handles them).
+        NotImplementedError: an offset patch along another dim or with a weight function (no ComfyUI key map
+            writes one), ``set`` patches, LoRA ``reshape_weight``, OFT/BOFT/GLoRA (names the file and key; the stock
+            LoraLoader handles them).
     """
     if not isinstance(key, str):
-        raise NotImplementedError(f"LoRA {shown(name)}: key {shown(key)} patches part of a fused weight, which this "
-                                  "pack does not fuse yet; use the stock LoraLoader for this file")
+        weight_key, offset, *function = key
+        if offset is None:
+            return _factors(name, weight_key, adapter, token)
+        if offset[0] != 0 or any(f is not None for f in function):
+            raise NotImplementedError(f"LoRA {shown(name)}: {weight_key} gets a patch along dim {offset[0]}"
+                                      f"{' with a weight function' if any(function) else ''}, which this pack "
+                                      "does not fuse; use the stock LoraLoader for this file")
+        return SliceFactors(_factors(name, weight_key, adapter, token), int(offset[1]), int(offset[2]), token)
     if isinstance(adapter, tuple) and adapter[0] == "diff":
         return DiffFactors(adapter[1][0].detach(), token)
     if isinstance(adapter, comfy.weight_adapter.LoRAAdapter):

@@ -1,4 +1,4 @@
-"""core.fuse factor sets beyond plain LoRA (LoHa, LoKr, diff, DoRA) with plain torch: the row-blocked in-place
+"""core.fuse factor sets beyond plain LoRA (LoHa, LoKr, diff, DoRA, slices of fused weights) with plain torch: the row-blocked in-place
 merge against a dense float64 evaluation of each format's definition (see tests/test_formats.py for the sources),
 across many row blocks (the DoRA input-channel norm sums over blocks), and shape errors naming the key."""
 import dataclasses
@@ -9,8 +9,8 @@ import torch
 from oracle import beyond_one_rounding
 
 import batch_lora.core.fuse as fuse
-from batch_lora.core import (DiffFactors, DoraFactors, FuseError, LoraFactors, LohaFactors, LokrFactors, fuse_into,
-                             fused_weight)
+from batch_lora.core import (DiffFactors, DoraFactors, FuseError, LoraFactors, LohaFactors, LokrFactors, SliceFactors,
+                             fuse_into, fused_weight)
 
 OUT, IN, K = 24, 6, 3  # conv weight [24, 6, 3, 3]
 SHAPE = (OUT, IN, K, K)
@@ -109,3 +109,77 @@ def test_shape_errors_name_the_key_and_never_the_token():
         with pytest.raises(FuseError, match=pattern) as info:
             fused_weight("k.weight", weight, [(1.0, factors)], torch.float32)
         assert "/srv/private" not in str(info.value)
+
+
+H = 8  # a Flux-like single_blocks.N.linear1 weight: q, k, v (H rows each), then the MLP (4H rows), [7H, H]
+LINEAR1 = (7 * H, H)
+
+
+def _slice_oracle(base, terms):
+    """float64 ``base + sum s * delta`` for 2-D ``SliceFactors``/whole terms, each slice's delta padded with 0;
+    and the operand magnitudes for ``beyond_one_rounding``."""
+    w, mag = base.double().clone(), base.double().abs().clone()
+    for s, f in terms:
+        lo, inner = (f.start, f.inner) if isinstance(f, SliceFactors) else (0, f)
+        rows = slice(lo, lo + inner.rows_cols[0])
+        w0 = base.double()[rows]
+        if isinstance(inner, DoraFactors):
+            v = w0 + inner.inner.scale * inner.inner.up.double() @ inner.inner.down.double()
+            factor = inner.magnitude.double().reshape(-1, 1) / (v.norm(dim=1, keepdim=True) + EPS)
+            delta, dmag = v * factor - w0, (v.abs() * factor.abs() + w0.abs()) * 4
+        elif isinstance(inner, LohaFactors):
+            delta = inner.scale * (inner.w1_a.double() @ inner.w1_b.double()) * (inner.w2_a.double() @ inner.w2_b.double())
+            dmag = delta.abs() * 4
+        elif isinstance(inner, DiffFactors):
+            delta, dmag = inner.diff.double(), inner.diff.double().abs()
+        else:
+            delta = inner.scale * inner.up.double() @ inner.down.double()
+            dmag = abs(inner.scale) * inner.up.double().abs() @ inner.down.double().abs()
+        w[rows] += s * delta
+        mag[rows] += abs(s) * dmag
+    return w, mag
+
+
+def _lora(out, rank, seed, alpha=None):
+    return LoraFactors.from_tensors(rnd(out, rank, seed=seed), rnd(rank, H, seed=seed + 1), alpha, f"lora{seed}")
+
+
+@pytest.mark.parametrize("rows_per_block", [3, 7 * H])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_slices_of_a_fused_weight_match_float64_and_leave_other_rows_alone(monkeypatch, rows_per_block, dtype):
+    """diffusers-layout q/k/v LoRAs on slices of one fused weight, two files on the same slices, a whole-weight
+    LoRA, DoRA / LoHa / diff on slices: one pass (blocks of 3 rows cut across the slice boundaries), equal to the
+    float64 oracle within one rounding, ``fuse_into`` == ``fused_weight`` bit for bit, and rows no term touches
+    keep the base's bits."""
+    monkeypatch.setattr(fuse, "BLOCK_ELEMENTS", rows_per_block * H)
+    monkeypatch.setattr(fuse, "BLOCK_MIN_ROWS", 1)
+    q, k, v = (SliceFactors(_lora(H, 2, 40 + 2 * i, 1.0), i * H, H, f"a#{i}") for i in range(3))
+    q2, v2 = SliceFactors(_lora(H, 3, 50), 0, H, "b#q"), SliceFactors(_lora(H, 3, 52, 6.0), 2 * H, H, "b#v")
+    dora = SliceFactors(DoraFactors(_lora(H, 2, 54), rnd(H, 1, seed=56).abs() + 1, "dora"), H, H, "c#k")
+    loha = SliceFactors(LohaFactors(rnd(4 * H, 2, seed=57), rnd(2, H, seed=58), rnd(4 * H, 2, seed=59),
+                                    rnd(2, H, seed=60), None, None, 0.5, "loha"), 3 * H, 4 * H, "d#mlp")
+    diff = SliceFactors(DiffFactors(rnd(2, H, seed=61, std=0.05), "diff"), 5, 2, "e#rows5-6")
+    whole = _lora(7 * H, 4, 62, 2.0)
+    base = rnd(*LINEAR1, seed=63).to(dtype)
+    for terms in ([(0.8, q), (0.8, k), (0.8, v)],  # one ai-toolkit file: the MLP rows untouched
+                  [(0.8, q), (0.8, k), (0.8, v), (-0.6, q2), (-0.6, v2), (1.1, whole), (0.7, dora), (1.3, loha),
+                   (-0.9, diff)]):
+        param = torch.nn.Parameter(base.clone(), requires_grad=False)
+        fuse_into("single_blocks.0.linear1.weight", param, base.float(), terms)
+        expected, mag = _slice_oracle(base, terms)
+        assert beyond_one_rounding(param.data, expected, mag) == 0
+        out = fused_weight("single_blocks.0.linear1.weight", base.float(), terms, dtype)
+        assert torch.equal(out.view(torch.int16), param.data.view(torch.int16))
+        touched = torch.zeros(7 * H, dtype=torch.bool)
+        for _, f in terms:
+            touched[slice(f.start, f.start + f.length) if isinstance(f, SliceFactors) else slice(None)] = True
+        assert touched.any() and not torch.equal(param.data[touched], base[touched])
+        assert torch.equal(param.data[~touched].view(torch.int16), base[~touched].view(torch.int16))
+
+
+def test_slice_errors_name_the_key():
+    base = torch.zeros(LINEAR1)
+    with pytest.raises(FuseError, match=r"k\.weight: a patch of rows 50:58 does not fit the model weight \(56, 8\)"):
+        fused_weight("k.weight", base, [(1.0, SliceFactors(_lora(H, 2, 70), 50, H, "x"))], torch.float32)
+    with pytest.raises(FuseError, match=r"k\.weight: LoraFactors has up \(16, 2\).*\(8, 8\)"):
+        fused_weight("k.weight", base, [(1.0, SliceFactors(_lora(2 * H, 2, 72), 0, H, "x"))], torch.float32)
