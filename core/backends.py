@@ -24,6 +24,8 @@ from functools import lru_cache
 
 import torch
 
+from . import quant
+
 __all__ = ["Target", "UnsupportedTarget", "resolve", "wrapper_kind", "frozen_reason", "after_write"]
 
 _FIX = ("put the Batch LoRA Loader before the node that compiles or quantizes the model, or compile without "
@@ -87,7 +89,8 @@ def resolve(root: torch.nn.Module, key: str) -> Target:
 
     Raises:
         KeyError: no such module or parameter (names the key and the missing part).
-        UnsupportedTarget: the weight is not floating point (quantized) or sits in a quantized OneDiff module.
+        UnsupportedTarget: the weight is not floating point (int8 without a scale), a quantized tensor of a layout
+            ``core.quant`` does not patch (block-scaled NVFP4/MXFP8, ...), or sits in a quantized OneDiff module.
     """
     *path, name = key.split(".")
     module, kinds = root, []
@@ -107,7 +110,14 @@ def resolve(root: torch.nn.Module, key: str) -> Target:
     param = module._parameters.get(name)
     if param is None:
         raise KeyError(f"the model has no parameter {key!r}")
-    if not param.is_floating_point():
+    reason = quant.unsupported_reason(param)
+    if reason is None and name == "weight" and isinstance(getattr(module, "scale_weight", None), torch.Tensor):
+        reason = ("an old-style scaled-fp8 layer (its scale is the module's scale_weight: ComfyUI 0.3.75 "
+                  "scaled_fp8_ops; ComfyUI 0.33 loads the same file as a quantized tensor, which is patched)")
+    if reason is not None:
+        raise UnsupportedTarget(f"{key}: {reason}; load the model unquantized or in scaled fp8/int8, or use the "
+                                "stock LoraLoader for this model")
+    if not param.is_floating_point() and not quant.is_quantized(param):
         raise UnsupportedTarget(f"{key}: the weight is {param.dtype} (quantized), a LoRA cannot be merged into it; "
                                 f"{_FIX}")
     return Target(key, module, name, tuple(kinds))

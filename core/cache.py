@@ -11,6 +11,8 @@ from typing import Iterable
 
 import torch
 
+from . import quant
+
 __all__ = ["BaseCache", "CacheBudgetError", "return_freed_memory"]
 
 
@@ -26,7 +28,8 @@ class BaseCache:
     A float16/bfloat16/float32 weight is stored as float32 by default (``dtype="fp32"``: the fused merge then
     reads its fp32 operand without a cast), or in its own dtype (``dtype="native"``: half the bytes for
     fp16/bf16; the upcast at merge time is exact, so restores stay bit-exact either way). Other dtypes (fp8)
-    are always stored natively.
+    are always stored natively, and a quantized weight (``core.quant``: scaled fp8/int8) as a clone of itself
+    (its storage and scale: 1 byte per parameter for fp8).
 
     Args:
         dtype: ``"fp32"`` or ``"native"``.
@@ -62,12 +65,12 @@ class BaseCache:
     def dtypes(self) -> list[str]:
         """The dtypes the copies are held in, e.g. ``["float32"]``, or ``["float32", "float8_e4m3fn"]`` when fp8
         weights (always kept natively) are cached too; [] when empty."""
-        return sorted({str(t.dtype).removeprefix("torch.") for t in self._copies.values()})
+        return sorted({str(quant.storage_dtype(t)).removeprefix("torch.") for t in self._copies.values()})
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all copies."""
-        return sum(t.numel() * t.element_size() for t in self._copies.values())
+        return sum(quant.nbytes(t) for t in self._copies.values())
 
     def capture(self, key: str, weight: torch.Tensor) -> torch.Tensor:
         """Return the cached base of ``key``, copying ``weight`` first if the key is new.
@@ -83,18 +86,26 @@ class BaseCache:
         cached = self._copies.get(key)
         if cached is not None:
             return cached
+        if quant.is_quantized(weight):
+            return self._keep(key, weight.detach().clone(), quant.nbytes(weight))
         store = torch.float32 if (self.dtype == "fp32" and weight.dtype in (torch.float16, torch.bfloat16,
                                                                           torch.float32)) else weight.dtype
+        device = self.device or weight.device
+        pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
         size = weight.numel() * torch.empty((), dtype=store).element_size()
+        self._keep(key, None, size)
+        copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
+        copy.copy_(weight.detach())
+        return self._keep(key, copy, size)
+
+    def _keep(self, key: str, copy: torch.Tensor | None, size: int) -> torch.Tensor | None:
+        """Check the budget for ``size`` more bytes (CacheBudgetError), then hold ``copy`` (None: check only)."""
         if self.budget_bytes is not None and self.nbytes + size > self.budget_bytes:
             raise CacheBudgetError(
                 f"base cache budget of {self.budget_bytes} bytes exceeded while caching {key} ({size} bytes, "
                 f"{self.nbytes} already held): raise the budget or use dtype='native'")
-        device = self.device or weight.device
-        pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
-        copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
-        copy.copy_(weight.detach())
-        self._copies[key] = copy
+        if copy is not None:
+            self._copies[key] = copy
         return copy
 
     def get(self, key: str) -> torch.Tensor:

@@ -9,17 +9,21 @@ OneDiff wrappers, and compiler-held copies are refreshed after each write (``cor
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
 
+from . import quant
 from .backends import Target, after_write, resolve
 from .cache import BaseCache
 from .fuse import Term, fuse_into
 
 __all__ = ["InPlacePatcher", "ApplyInterrupted", "ApplyReport", "Counters"]
+
+log = logging.getLogger("comfyui-batch-lora")
 
 
 class ApplyInterrupted(RuntimeError):
@@ -134,7 +138,8 @@ class InPlacePatcher:
         """
         start = time.perf_counter()
         report = ApplyReport(labels=tuple(labels))
-        moved = {k: now for k, ptr in self._placed.items() if (now := self._targets[k].param.data_ptr()) != ptr}
+        moved = {k: now for k, ptr in self._placed.items()
+                 if (now := quant.storage_ptr(self._targets[k].param)) != ptr}
         if moved:
             self.counters.moves += 1
             self._placed.update(moved)
@@ -198,13 +203,19 @@ class InPlacePatcher:
         """Write ``base + terms`` (or the exact base when ``terms`` is empty) into ``key``'s parameter."""
         param = target.param
         if terms:
-            fuse_into(key, param, base, terms)
+            if quant.is_quantized(param):
+                saturated = quant.write(key, param, base, terms)
+                if saturated:
+                    log.warning("batch-lora: %s: %d merged values beyond the range of the checkpoint's scale were "
+                                "saturated (lower the strength, or load the model unquantized)", key, saturated)
+            else:
+                fuse_into(key, param, base, terms)
             self.counters.merges += 1
         else:
-            param.data.copy_(base)
+            quant.restore(param, base) if quant.is_quantized(param) else param.data.copy_(base)
             self.counters.restores += 1
         self.counters.writes += 1
-        self._placed[key] = param.data_ptr()
+        self._placed[key] = quant.storage_ptr(param)
         if terms:
             self._applied[key] = (_signature(terms), terms)
         else:
