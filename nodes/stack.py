@@ -1,10 +1,11 @@
 """From the node's inputs to a fused plan: entries -> files -> ComfyUI key maps -> factors per weight key.
 
-Key mapping and file-format parsing are ComfyUI's own (``comfy.lora.model_lora_keys_unet/_clip`` and
-``comfy.lora.load_lora`` with its adapters in ``comfy.weight_adapter``), so every LoRA naming scheme and format the
-host maps (kohya/sd-scripts, diffusers, PEFT, LyCORIS, ...; SD1.x, SDXL, SD3, Flux, ...) is read exactly as stock
-LoraLoader reads it. The pack adds one set of names ComfyUI 0.3.75 lacks (PEFT UNet attention, ``_unet_key_map``)
-and does its own merge (``core.fuse``) and lifecycle.
+Key mapping and file-format parsing are ComfyUI's own (``comfy.lora.model_lora_keys_unet/_clip``,
+``comfy.lora_convert.convert_lora`` and ``comfy.lora.load_lora`` with its adapters in ``comfy.weight_adapter``), so
+every LoRA naming scheme and format the host maps (kohya/sd-scripts, diffusers, PEFT, LyCORIS, ...; SD1.x, SDXL,
+SD3, Flux, ...) is read exactly as stock LoraLoader reads it. The pack adds the PEFT UNet attention names
+ComfyUI 0.3.75 lacks (``_unet_key_map``) and the trainer layouts of ``nodes/layouts.py``, and does its own merge
+(``core.fuse``) and lifecycle.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import comfy.lora
 import comfy.utils
 import comfy.weight_adapter
 
+from . import layouts
 from ..core import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LoraFileCache, LoraFileError,
                     LohaFactors, LokrFactors, SliceFactors, UnsupportedTarget, resolve, shown)
 
@@ -294,7 +296,7 @@ def _unet_key_map(model) -> dict:
     ``save_attn_procs`` files. PEFT / diffusers ``save_lora_weights`` files name the attention projections
     ``[unet.]<block>.attn{1,2}.to_{q,k,v}`` and ``.to_out.0`` instead; exactly those names (both prefixes, every
     path containing ``.to_``) are added here, mapping to the same weight keys. Names ComfyUI already maps are left
-    as ComfyUI has them; every other naming scheme and architecture relies on ComfyUI's maps alone.
+    as ComfyUI has them; then the trainer layouts ComfyUI misses (``layouts.extra_names``).
 
     Args: model: a ComfyUI ``BaseModel`` (``ModelPatcher.model``). Returns: ``{LoRA module name: weight key}``.
     """
@@ -303,6 +305,7 @@ def _unet_key_map(model) -> dict:
         if path.endswith(".weight") and ".to_" in path:
             for prefix in ("", "unet."):
                 key_map.setdefault(prefix + path[:-len(".weight")], f"diffusion_model.{ldm}")
+    key_map.update(layouts.extra_names(type(model.model_config).__name__, key_map))
     return key_map
 
 
@@ -311,6 +314,7 @@ def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: 
     names)``. Raises LoraFileError when nothing matches or ComfyUI's parser fails on an incomplete module set
     (e.g. a LoHa ``hada_t1`` without ``hada_t2``), NotImplementedError for adapters not fused here."""
     key_map = {**unet_map, **clip_map}
+    tensors = layouts.convert_tensors(tensors)
     try:
         patches = comfy.lora.load_lora(tensors, key_map, log_missing=False)
     except (KeyError, IndexError, ValueError, RuntimeError, TypeError) as exc:  # ComfyUI's parser on a broken set

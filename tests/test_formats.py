@@ -206,7 +206,9 @@ def test_format_matches_float64_oracle_and_stock(comfy_host, fixtures_dir, name,
 
 def test_peft_attention_names_are_the_ones_stock_comfyui_leaves_unmapped(comfy_host, fixtures_dir):
     """Stock 0.3.75 maps only the non-attention module of the PEFT file; the pack maps all of them (to the same
-    weight keys as the ``.processor.`` names stock does map) and adds no name ComfyUI already has."""
+    weight keys as the ``.processor.`` names stock does map) and adds no name ComfyUI already has. Besides those,
+    the only names added are the bare native paths of ``nodes/layouts.py`` (DiffSynth), each with the target
+    ComfyUI gives ``diffusion_model.<path>``."""
     h = comfy_host
     from batch_lora.nodes.stack import _unet_key_map
     model, _ = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
@@ -214,6 +216,9 @@ def test_peft_attention_names_are_the_ones_stock_comfyui_leaves_unmapped(comfy_h
     ours = _unet_key_map(model.model)
     added = {k: v for k, v in ours.items() if k not in stock_map}
     assert all(stock_map[k] == v for k, v in ours.items() if k in stock_map)
+    bare = {k for k, v in added.items() if stock_map.get("diffusion_model." + k) == v}
+    assert bare == {k[len("diffusion_model."):] for k in stock_map if k.startswith("diffusion_model.")}
+    added = {k: v for k, v in added.items() if k not in bare}
     # 8 attention projections x 2 prefixes on this UNet (one transformer block), nothing else
     assert len(added) == 16 and all(".to_" in k and ".processor." not in k for k in added), sorted(added)
     tensors = load_file(str(fixtures_dir / "models" / "loras" / fx.LORA_PEFT_ATTN))
