@@ -90,7 +90,9 @@ def resolve(root: torch.nn.Module, key: str) -> Target:
     Raises:
         KeyError: no such module or parameter (names the key and the missing part).
         UnsupportedTarget: the weight is not floating point (int8 without a scale), a quantized tensor of a layout
-            ``core.quant`` does not patch (block-scaled NVFP4/MXFP8, ...), or sits in a quantized OneDiff module.
+            ``core.quant`` does not patch (block-scaled NVFP4/MXFP8, ...), a GGUF tensor (ComfyUI-GGUF's
+            ``GGMLTensor``: ``tensor_type``/``tensor_shape``), an old-style scaled-fp8 layer, or sits in a
+            quantized OneDiff module.
     """
     *path, name = key.split(".")
     module, kinds = root, []
@@ -111,6 +113,11 @@ def resolve(root: torch.nn.Module, key: str) -> Target:
     if param is None:
         raise KeyError(f"the model has no parameter {key!r}")
     reason = quant.unsupported_reason(param)
+    if hasattr(param, "tensor_type") and hasattr(param, "tensor_shape"):  # ComfyUI-GGUF's GGMLTensor (ops.py)
+        raise UnsupportedTarget(f"{key}: the weight is a GGUF tensor (ComfyUI-GGUF), which ComfyUI-GGUF "
+                                "dequantizes at every use and this pack cannot write in place; use the stock "
+                                "LoraLoader on the GGUF model (ComfyUI-GGUF applies it), or load the "
+                                "safetensors model")
     if reason is None and name == "weight" and isinstance(getattr(module, "scale_weight", None), torch.Tensor):
         reason = ("an old-style scaled-fp8 layer (its scale is the module's scale_weight: ComfyUI 0.3.75 "
                   "scaled_fp8_ops; ComfyUI 0.33 loads the same file as a quantized tensor, which is patched)")

@@ -117,6 +117,19 @@ def test_quantized_weights_are_refused_and_nothing_is_left_written():
         resolve(root, "inner.lin.weight")
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.float16], ids=["Q8_0 bytes", "F16"])
+def test_gguf_weights_are_refused_naming_the_key_and_what_to_do(storage):
+    net = Net()
+    weight = torch.nn.Parameter(torch.zeros(6, 8, dtype=storage), requires_grad=False)
+    weight.tensor_type, weight.tensor_shape = "Q8_0", (6, 8)  # what ComfyUI-GGUF's GGMLTensor carries (ops.py)
+    net.lin.weight = weight
+    before = net.lin.weight.detach().clone()
+    with pytest.raises(UnsupportedTarget, match=r"lin\.weight: the weight is a GGUF tensor \(ComfyUI-GGUF\).*stock "
+                                                r"LoraLoader on the GGUF model"):
+        InPlacePatcher(net).apply({"lin.weight": stack(1.0)["inner.lin.weight"]})
+    assert torch.equal(net.lin.weight.detach(), before)
+
+
 def test_frozen_compiles_are_detected():
     net = Net()
     assert frozen_reason(None, [net]) is None
