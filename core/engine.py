@@ -212,7 +212,10 @@ class InPlacePatcher:
                 fuse_into(key, param, base, terms)
             self.counters.merges += 1
         else:
-            quant.restore(param, base) if quant.is_quantized(param) else param.data.copy_(base)
+            if quant.is_quantized(param):
+                quant.restore(param, base)
+            else:
+                param.data.copy_(base)
             self.counters.restores += 1
         self.counters.writes += 1
         self._placed[key] = quant.storage_ptr(param)

@@ -31,7 +31,8 @@ from typing import Sequence, Union
 
 import torch
 
-__all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "SliceFactors", "Factors", "Term",
+__all__ = ["LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors", "SliceFactors", "Factors",
+           "Term",
            "fused_weight", "fuse_into", "surely_finite", "FuseError"]
 
 
@@ -489,7 +490,8 @@ class _Merge:
         rows = self.base.shape[0]
         placed = [(float(s), *_rows_of(f, rows)) for s, f in terms]
         plain = [type(f) is LoraFactors for _, f, _, _ in placed]
-        contexts = [None if plain[i] else f.context(self.base[lo:hi], device) for i, (_, f, lo, hi) in enumerate(placed)]
+        contexts = [None if plain[i] else f.context(self.base[lo:hi], device)
+                    for i, (_, f, lo, hi) in enumerate(placed)]
         cuts = sorted({0, rows, *(lo for *_, lo, _ in placed), *(hi for *_, hi in placed)})
         downs: dict[tuple[int, ...], torch.Tensor] = {}
         self.segments = []  # (r0, r1, (U [r1-r0, R], D [R, inner]) or None, [(s, factors, ctx, first row)])

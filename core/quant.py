@@ -17,9 +17,9 @@ entries with ``param.data.copy_(backup)``, and ``.data`` of a comfy-kitchen ``Qu
 but not the scale (measured on 0.33), so only an unchanged scale keeps ComfyUI's restores exact. Merged values
 beyond ``scale * max(qdata dtype)`` (the LoRA made a weight larger than the checkpoint's largest) saturate at that
 value, as rounding would put them there up to half a step beyond it; further out they are logged as saturated
-(key and count). Every bake starts from the pristine copy, so
-cycles never accumulate, and a restore copies the pristine ``qdata`` back (bit-exact). Other layouts
-(block-scaled NVFP4/MXFP8, W4A4/W4A8, ...) are refused with ``UnsupportedTarget``.
+(key and count). Every bake starts from the pristine copy, so cycles never accumulate, and a restore copies the
+pristine ``qdata`` back (bit-exact). Other layouts (block-scaled NVFP4/MXFP8, W4A4/W4A8, ...) are refused with
+``UnsupportedTarget``.
 """
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ import torch
 from .files import shown
 from .fuse import Term, fused_weight
 
-__all__ = ["is_quantized", "unsupported_reason", "dequantize", "write", "restore", "nbytes", "storage_dtype", "storage_ptr"]
+__all__ = ["is_quantized", "unsupported_reason", "dequantize", "write", "restore", "nbytes", "storage_dtype",
+           "storage_ptr"]
 
 _QMAX = {torch.float8_e4m3fn: float(torch.finfo(torch.float8_e4m3fn).max),
          torch.float8_e5m2: float(torch.finfo(torch.float8_e5m2).max), torch.int8: 127.0}

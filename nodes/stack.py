@@ -89,9 +89,10 @@ class LoraMatch:
         (for SD15; lora 36)``, then ``: name, name, ...`` for unmatched tensors (at most ``limit`` of them named)."""
         e = self.entry
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
+        sliced = f"; {self.slices} on slices of fused weights" if self.slices else ""
         text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
                 f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched  (for {self.arch}"
-                f"{'; ' + kinds if kinds else ''}{f'; {self.slices} on slices of fused weights' if self.slices else ''})")
+                f"{'; ' + kinds if kinds else ''}{sliced})")
         if self.skipped:
             text += f", {self.skipped} text-encoder tensors skipped (no CLIP connected)"
         if self.unmatched:

@@ -1,5 +1,5 @@
-"""core.fuse factor sets beyond plain LoRA (LoHa, LoKr, diff, DoRA, slices of fused weights) with plain torch: the row-blocked in-place
-merge against a dense float64 evaluation of each format's definition (see tests/test_formats.py for the sources),
+"""core.fuse factor sets beyond plain LoRA (LoHa, LoKr, diff, DoRA, slices of fused weights) with plain torch: the
+row-blocked in-place merge against a dense float64 evaluation of each format's definition (see tests/test_formats.py for the sources),
 across many row blocks (the DoRA input-channel norm sums over blocks), and shape errors naming the key."""
 import dataclasses
 
@@ -9,8 +9,8 @@ import torch
 from oracle import beyond_one_rounding
 
 import batch_lora.core.fuse as fuse
-from batch_lora.core import (DiffFactors, DoraFactors, FuseError, LoraFactors, LohaFactors, LokrFactors, SliceFactors,
-                             fuse_into, fused_weight)
+from batch_lora.core import (DiffFactors, DoraFactors, FuseError, LoraFactors, LohaFactors, LokrFactors,
+                             SliceFactors, fuse_into, fused_weight)
 
 OUT, IN, K = 24, 6, 3  # conv weight [24, 6, 3, 3]
 SHAPE = (OUT, IN, K, K)
@@ -128,7 +128,8 @@ def _slice_oracle(base, terms):
             factor = inner.magnitude.double().reshape(-1, 1) / (v.norm(dim=1, keepdim=True) + EPS)
             delta, dmag = v * factor - w0, (v.abs() * factor.abs() + w0.abs()) * 4
         elif isinstance(inner, LohaFactors):
-            delta = inner.scale * (inner.w1_a.double() @ inner.w1_b.double()) * (inner.w2_a.double() @ inner.w2_b.double())
+            delta = (inner.scale * (inner.w1_a.double() @ inner.w1_b.double())
+                     * (inner.w2_a.double() @ inner.w2_b.double()))
             dmag = delta.abs() * 4
         elif isinstance(inner, DiffFactors):
             delta, dmag = inner.diff.double(), inner.diff.double().abs()

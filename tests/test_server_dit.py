@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 MODELS = {  # arch -> (latent node, conditioning (tokens, width, pooled), LoRA cases of test_layouts)
     "sdxl": ("EmptyLatentImage", (4, 2048, 1280), {"sdxl_kohya.safetensors": {
-        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k": "input_blocks.3.1.transformer_blocks.0.attn2.to_k",
+        "lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k":
+            "input_blocks.3.1.transformer_blocks.0.attn2.to_k",
         "lora_unet_input_blocks_3_1_proj_in": "input_blocks.3.1.proj_in"}}),
     "flux1_dev": ("EmptySD3LatentImage", (4, 64, 32), {
         "flux_diffusers.safetensors": "flux1 diffusers (ai-toolkit, diffusers, SimpleTuner)",
