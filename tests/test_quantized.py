@@ -159,3 +159,45 @@ def test_unsupported_quantized_layout_is_refused_naming_node_and_key(quant_host,
     owner.weight = torch.nn.Parameter(nvfp4, requires_grad=False)
     with pytest.raises(UnsupportedTarget, match=key.replace(".", r"\.") + r": a .*NVFP4.* quantized weight"):
         resolve(model.model, key)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_plain_fp8_weights_bake_once_and_reset_exactly(comfy_host, fixtures_dir, dtype, capsys):
+    """UNETLoader's ``weight_dtype`` fp8 (weights stored in fp8, no scale; computed in the model's manual-cast
+    dtype): the same checks on the SD3 model's q/k/v and proj keys, both hosts."""
+    h = comfy_host
+    loras = fixtures_dir / "models" / "loras"
+    files = sd3._write_files(loras)
+    h.folder_paths.filename_list_cache.pop("loras", None)
+    model = h.sd.load_diffusion_model_state_dict(_state_dict(set()), model_options={"dtype": dtype})
+    keys = sorted({key for modules, *_ in sd3.FILES.values() for key, _, _ in modules.values()})
+    assert all(model.model.get_parameter(k).dtype == dtype for k in keys)
+    pristine = {k: _raw(model.model.get_parameter(k)) for k in keys}
+    base = {k: _value(model.model.get_parameter(k)) for k in keys}
+    exact, mag = sd3._oracle(base, files)
+    rows = [{"on": True, "lora": n, "strength_model": s} for n, (*_, s) in sd3.FILES.items()]
+    ours = run_loader(h, model, None, *rows)[0]
+    load(h, ours)
+    first = {k: _raw(ours.model.get_parameter(k)) for k in keys}
+    for key in keys:
+        q = first[key][0]
+        far = (q.double() - exact[key]).abs() > _step(q, 1.0) / 2 + 64 * 2.0 ** -24 * mag[key]
+        assert int(far.sum()) == 0, key
+    load(h, run_loader(h, model, None, rows[1])[0])
+    load(h, run_loader(h, model, None, *rows)[0])
+    assert all(_same(first[k], _raw(model.model.get_parameter(k))) for k in keys)
+    stock = model
+    for name, (*_, s) in sd3.FILES.items():
+        stock = h.nodes.LoraLoaderModelOnly().load_lora_model_only(stock, name, s)[0]
+    with torch.no_grad():  # stock's stochastic fp8 rounding writes with out=, as the server runs it (no autograd)
+        load(h, stock)
+    with capsys.disabled():
+        for key in keys[:2]:
+            ideal = exact[key] - base[key]
+            stats = [f"{who} gain {float((d * ideal).sum() / (ideal * ideal).sum()):.3f} "
+                     f"err {float((d - ideal).norm() / ideal.norm()):.3f}"
+                     for who, d in (("pack", first[key][0].double() - base[key]),
+                                    ("stock", _value(stock.model.get_parameter(key)) - base[key]))]
+            print(f"\n  plain {str(dtype)[6:]} {key[len('diffusion_model.'):]}: " + "; ".join(stats), end="")
+    load(h, h.pack.ResetAdapters().reset(False, model=ours)[0])
+    assert all(_same(pristine[k], _raw(model.model.get_parameter(k))) for k in keys)
