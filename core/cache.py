@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 from functools import lru_cache
 from typing import Iterable
 
@@ -13,7 +14,7 @@ import torch
 
 from . import quant
 
-__all__ = ["BaseCache", "CacheBudgetError", "return_freed_memory"]
+__all__ = ["BaseCache", "CacheBudgetError", "return_freed_memory", "available_bytes", "FP32_SHARE"]
 
 
 class CacheBudgetError(MemoryError):
@@ -22,17 +23,40 @@ class CacheBudgetError(MemoryError):
     __module__ = "batch_lora.core"  # the type's name in ComfyUI's error reports, whatever the install path
 
 
+FP32_SHARE = 0.25
+"""``dtype="auto"``: float32 copies may take up to this share of the memory available when the cache (re)starts
+filling; keys beyond it are kept in their own dtype. A full-linear stack on a 12 B-parameter bf16 model (Flux)
+would need 48 GB of float32 copies, 24 GB native."""
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory available for new allocations on ``device``: CUDA's free memory, or the host's ``MemAvailable``
+    (/proc/meminfo; free physical pages elsewhere)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class BaseCache:
     """Exact copies of base weights, keyed by weight key, captured on first touch.
 
-    A float16/bfloat16/float32 weight is stored as float32 by default (``dtype="fp32"``: the fused merge then
-    reads its fp32 operand without a cast), or in its own dtype (``dtype="native"``: half the bytes for
-    fp16/bf16; the upcast at merge time is exact, so restores stay bit-exact either way). Other dtypes (fp8)
+    A float16/bfloat16/float32 weight is stored as float32 (``dtype="fp32"``: the fused merge then reads its fp32
+    operand without a cast), or in its own dtype (``dtype="native"``: half the bytes for fp16/bf16; the upcast at
+    merge time is exact, so restores stay bit-exact either way), or (``dtype="auto"``, the default) as float32
+    while the float32 copies stay within ``FP32_SHARE`` of the memory available when the cache starts filling,
+    natively beyond (big models: see ``FP32_SHARE``). Other dtypes (fp8)
     are always stored natively, and a quantized weight (``core.quant``: scaled fp8/int8) as a clone of itself
     (its storage and scale: 1 byte per parameter for fp8).
 
     Args:
-        dtype: ``"fp32"`` or ``"native"``.
+        dtype: ``"auto"``, ``"fp32"`` or ``"native"``.
         device: where copies live (the model's offload device; default: the weight's own device).
         budget_bytes: optional cap on ``nbytes``; ``None`` means unbounded.
         pin_memory: copies of CUDA weights kept on the CPU go to pinned (page-locked) memory, so restores and
@@ -41,15 +65,18 @@ class BaseCache:
         ValueError: for an unknown ``dtype`` option.
     """
 
-    def __init__(self, dtype: str = "fp32", device: torch.device | str | None = None,
+    def __init__(self, dtype: str = "auto", device: torch.device | str | None = None,
                  budget_bytes: int | None = None, pin_memory: bool = True):
-        if dtype not in ("fp32", "native"):
-            raise ValueError(f"base cache dtype must be 'fp32' or 'native', not {dtype!r}")
+        if dtype not in ("auto", "fp32", "native"):
+            raise ValueError(f"base cache dtype must be 'auto', 'fp32' or 'native', not {dtype!r}")
         self.dtype = dtype
         self.device = None if device is None else torch.device(device)
         self.budget_bytes = budget_bytes
         self.pin_memory = pin_memory
         self._copies: dict[str, torch.Tensor] = {}
+        self._fp32_room: int | None = None  # "auto": bytes of float32 copies allowed, set when filling starts
+        self._upcast: dict[str, int] = {}  # key -> bytes, for float32 copies of fp16/bf16 weights
+        self._fp32_bytes = 0  # their sum
 
     def __contains__(self, key: str) -> bool:
         return key in self._copies
@@ -88,15 +115,26 @@ class BaseCache:
             return cached
         if quant.is_quantized(weight):
             return self._keep(key, weight.detach().clone(), quant.nbytes(weight))
-        store = torch.float32 if (self.dtype == "fp32" and weight.dtype in (torch.float16, torch.bfloat16,
-                                                                          torch.float32)) else weight.dtype
         device = self.device or weight.device
+        store = self._store_dtype(weight, device)
         pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
         size = weight.numel() * torch.empty((), dtype=store).element_size()
         self._keep(key, None, size)
         copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
         copy.copy_(weight.detach())
+        if store != weight.dtype:
+            self._upcast[key] = size
+            self._fp32_bytes += size
         return self._keep(key, copy, size)
+
+    def _store_dtype(self, weight: torch.Tensor, device: torch.device) -> torch.dtype:
+        if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or self.dtype == "native":
+            return weight.dtype
+        if self.dtype == "fp32" or weight.dtype == torch.float32:
+            return torch.float32
+        if not self._copies or self._fp32_room is None:
+            self._fp32_room = int(FP32_SHARE * available_bytes(device))
+        return torch.float32 if self._fp32_bytes + weight.numel() * 4 <= self._fp32_room else weight.dtype
 
     def _keep(self, key: str, copy: torch.Tensor | None, size: int) -> torch.Tensor | None:
         """Check the budget for ``size`` more bytes (CacheBudgetError), then hold ``copy`` (None: check only)."""
@@ -114,11 +152,9 @@ class BaseCache:
 
     def drop(self, keys: Iterable[str] | None = None) -> None:
         """Forget the copies of ``keys`` (all when None). Callers must not drop a key that is still patched."""
-        if keys is None:
-            self._copies.clear()
-        else:
-            for key in keys:
-                self._copies.pop(key, None)
+        for key in list(self._copies) if keys is None else keys:
+            self._copies.pop(key, None)
+            self._fp32_bytes -= self._upcast.pop(key, 0)
 
 
 @lru_cache(maxsize=1)

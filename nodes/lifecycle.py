@@ -84,10 +84,10 @@ _LOADED: "weakref.WeakKeyDictionary[InPlacePatcher, dict]" = weakref.WeakKeyDict
 
 
 def _cache_options() -> dict:
-    """Base-cache settings from the environment: BATCH_LORA_BASE_CACHE=fp32|native (default fp32) and
-    BATCH_LORA_BASE_CACHE_BUDGET_MB (default unbounded)."""
+    """Base-cache settings from the environment: BATCH_LORA_BASE_CACHE=auto|fp32|native (default auto, see
+    ``core.BaseCache``) and BATCH_LORA_BASE_CACHE_BUDGET_MB (default unbounded)."""
     budget = os.environ.get("BATCH_LORA_BASE_CACHE_BUDGET_MB")
-    return {"dtype": os.environ.get("BATCH_LORA_BASE_CACHE", "fp32"),
+    return {"dtype": os.environ.get("BATCH_LORA_BASE_CACHE", "auto"),
             "budget_bytes": int(float(budget) * 2**20) if budget else None}
 
 

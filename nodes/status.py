@@ -32,7 +32,7 @@ def status() -> dict:
     ``models``: one entry per live torch model the pack has loaded (a ComfyUI BaseModel, a text encoder):
     ``model`` (class name), ``patcher`` (``classic``: the pack bakes in place; ``dynamic``: ComfyUI's
     ModelPatcherDynamic evaluates the pack's patches when each layer runs, see nodes/dynamic.py),
-    ``base_cache`` (``bytes``, ``keys``, ``mode`` fp32|native (``BATCH_LORA_BASE_CACHE``), ``dtypes`` the copies
+    ``base_cache`` (``bytes``, ``keys``, ``mode`` auto|fp32|native (``BATCH_LORA_BASE_CACHE``), ``dtypes`` the copies
     are really held in (fp8 weights are always kept natively), ``device``, ``budget_bytes``), ``applied_stack``
     (``file@strength_model/strength_clip`` labels baked in now, [] at base), ``applied_keys``, ``last_apply`` / ``last_reset`` (keys merged/restored/unchanged, ``ms`` wall time,
     ``finished_at`` Unix time, ``stack``; null before the first) and ``counters`` (merges, writes, restores,

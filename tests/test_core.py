@@ -257,6 +257,32 @@ def test_base_cache_modes_restore_exactly(mode, dtype):
     assert_same_bits(snapshot(net), before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_auto_base_cache_keeps_fp32_copies_within_a_share_of_free_memory(monkeypatch, dtype):
+    """``auto`` (the default): float32 copies while they fit ``FP32_SHARE`` of the memory available when filling
+    starts, native copies beyond (here: room for lin.weight's 1920 float32 elements only), bit-exact either way;
+    an emptied cache measures again."""
+    import batch_lora.core.cache as cache_mod
+    monkeypatch.setattr(cache_mod, "available_bytes", lambda device: int(48 * 40 * 4 / cache_mod.FP32_SHARE))
+    net = Net(dtype)
+    before = snapshot(net)
+    cache = BaseCache()
+    patcher = InPlacePatcher(net, cache)
+    patcher.apply(stack_of(net, 1))
+    assert {k: cache.get(k).dtype for k in Net.KEYS} == {"lin.weight": torch.float32, "conv.weight": dtype,
+                                                         "pw.weight": dtype}
+    merged = snapshot(net)
+    patcher.reset()
+    assert_same_bits(snapshot(net), before)
+    patcher.release_cache()
+    monkeypatch.setattr(cache_mod, "available_bytes", lambda device: 1 << 40)
+    patcher.apply(stack_of(net, 1))
+    assert {cache.get(k).dtype for k in Net.KEYS} == {torch.float32}
+    assert_same_bits(snapshot(net), merged)  # the same merge from either copy: the upcast is exact
+    patcher.reset()
+    assert_same_bits(snapshot(net), before)
+
+
 def test_base_cache_budget_error_leaves_model_unchanged():
     net = Net()
     before = snapshot(net)

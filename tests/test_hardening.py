@@ -175,7 +175,7 @@ def test_status_counts_comfyui_restores_as_the_reset_and_reports_real_dtypes(ser
         assert now["counters"]["host_restores"] - was["counters"]["host_restores"] == keys
         assert "id" not in now and "0x" not in json.dumps(now)  # no memory address
     unet, clip = _entry(server, "BaseModel"), _entry(server, "SD1ClipModel")
-    assert unet["base_cache"]["dtypes"] == ["float32"] and unet["base_cache"]["mode"] == "fp32"
+    assert unet["base_cache"]["dtypes"] == ["float32"] and unet["base_cache"]["mode"] == "auto"
     assert clip["base_cache"]["dtypes"] == ["float8_e4m3fn"]  # fp8 weights are cached natively: 1 byte each
     shapes = {m.model_key: m.shape for info in fx.lora_manifest().values() for m in info.modules
               if not m.model_key.startswith("diffusion_model.")}

@@ -223,7 +223,7 @@ def test_status_route_and_progress_while_a_stack_is_applied(server):
             assert m["base_cache"] == {"bytes": 0, "keys": 0} and m["applied_stack"] == labels
             assert m["applied_keys"] == keys and m["counters"]["merges"] >= keys
             continue
-        assert m["base_cache"] == {"bytes": 4 * numel, "keys": keys, "mode": "fp32", "dtypes": ["float32"],
+        assert m["base_cache"] == {"bytes": 4 * numel, "keys": keys, "mode": "auto", "dtypes": ["float32"],
                                    "device": "cpu", "budget_bytes": None}
         assert m["applied_stack"] == labels and m["applied_keys"] == keys
         assert {k: m["last_apply"][k] for k in ("merged", "restored", "unchanged", "stack")} == {
