@@ -76,6 +76,12 @@ CASES = {
     "flux2 musubi-tuner (Klein img_attn_proj)": Case("flux2_dev", "kohya", 16.0, (
         _m("lora_unet_double_blocks_0_img_attn_proj", "double_blocks.0.img_attn.proj"),
         _m("lora_unet_double_blocks_1_img_attn_qkv", "double_blocks.1.img_attn.qkv"))),
+    "flux2 diffusers (ai-toolkit)": Case("flux2_dev", "peft", None, (
+        _m("transformer.transformer_blocks.0.attn.to_q", "double_blocks.0.img_attn.qkv", (0, H)),
+        _m("transformer.single_transformer_blocks.0.attn.to_qkv_mlp_proj", "single_blocks.0.linear1"))),
+    "sd3.5 medium kohya + diffusers": Case("sd35_medium", "kohya", 2.0, (
+        _m("lora_unet_joint_blocks_0_x_block_attn_qkv", "joint_blocks.0.x_block.attn.qkv"),
+        _m("transformer.transformer_blocks.1.attn.to_k", "joint_blocks.1.x_block.attn.qkv", (H, H)))),
     "wan musubi-tuner": Case("wan21_t2v", "kohya", 4.0, (
         _m("lora_unet_blocks_0_self_attn_q", "blocks.0.self_attn.q"),
         _m("lora_unet_blocks_1_ffn_0", "blocks.1.ffn.0"))),
