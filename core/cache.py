@@ -114,18 +114,21 @@ class BaseCache:
         if cached is not None:
             return cached
         if quant.is_quantized(weight):
-            return self._keep(key, weight.detach().clone(), quant.nbytes(weight))
-        device = self.device or weight.device
-        store = self._store_dtype(weight, device)
-        pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
-        size = weight.numel() * torch.empty((), dtype=store).element_size()
-        self._keep(key, None, size)
-        copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
-        copy.copy_(weight.detach())
-        if store != weight.dtype:
-            self._upcast[key] = size
-            self._fp32_bytes += size
-        return self._keep(key, copy, size)
+            self._check_budget(key, quant.nbytes(weight))
+            copy = weight.detach().clone()
+        else:
+            device = self.device or weight.device
+            store = self._store_dtype(weight, device)
+            size = weight.numel() * torch.empty((), dtype=store).element_size()
+            self._check_budget(key, size)
+            pin = self.pin_memory and weight.is_cuda and device.type == "cpu"
+            copy = torch.empty(weight.shape, dtype=store, device=device, pin_memory=pin)
+            copy.copy_(weight.detach())
+            if store != weight.dtype:
+                self._upcast[key] = size
+                self._fp32_bytes += size
+        self._copies[key] = copy
+        return copy
 
     def _store_dtype(self, weight: torch.Tensor, device: torch.device) -> torch.dtype:
         if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32) or self.dtype == "native":
@@ -136,15 +139,12 @@ class BaseCache:
             self._fp32_room = int(FP32_SHARE * available_bytes(device))
         return torch.float32 if self._fp32_bytes + weight.numel() * 4 <= self._fp32_room else weight.dtype
 
-    def _keep(self, key: str, copy: torch.Tensor | None, size: int) -> torch.Tensor | None:
-        """Check the budget for ``size`` more bytes (CacheBudgetError), then hold ``copy`` (None: check only)."""
+    def _check_budget(self, key: str, size: int) -> None:
+        """Raise CacheBudgetError if ``size`` more bytes would exceed ``budget_bytes``."""
         if self.budget_bytes is not None and self.nbytes + size > self.budget_bytes:
             raise CacheBudgetError(
                 f"base cache budget of {self.budget_bytes} bytes exceeded while caching {key} ({size} bytes, "
                 f"{self.nbytes} already held): raise the budget or use dtype='native'")
-        if copy is not None:
-            self._copies[key] = copy
-        return copy
 
     def get(self, key: str) -> torch.Tensor:
         """The cached base of ``key``. Raises KeyError if it was never captured."""

@@ -1,7 +1,8 @@
 """Shared test oracle: how far a rounded merge may sit from the exact (float64) value."""
 import torch
 
-MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23}
+MANTISSA_BITS = {torch.float16: 10, torch.bfloat16: 7, torch.float32: 23, torch.float8_e4m3fn: 3,
+                 torch.float8_e5m2: 2}
 
 
 def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -9,6 +10,14 @@ def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     min_exp = torch.log2(torch.tensor(torch.finfo(dtype).tiny, dtype=torch.float64))
     exp = torch.maximum(torch.floor(torch.log2(x.double().abs().clamp_min(1e-300))), min_exp)
     return torch.pow(2.0, exp - MANTISSA_BITS[dtype])
+
+
+def quant_step(q: torch.Tensor, scale) -> torch.Tensor:
+    """The quantization step (float64) at each stored value of a quantized weight ``q`` (fp8 or int8 storage)
+    whose values mean ``q * scale``: the fp8 ulp at ``|q|`` (subnormals' fixed spacing included), 1 for int8."""
+    if q.dtype == torch.int8:
+        return torch.ones(q.shape, dtype=torch.float64) * scale
+    return ulp(q.double(), q.dtype) * scale
 
 
 def beyond_one_rounding(result: torch.Tensor, exact: torch.Tensor, operands: torch.Tensor) -> int:

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from oracle import quant_step
+
 from batch_lora.core import LoraFactors, quant
 
 
@@ -38,14 +40,6 @@ def _scale(t):
     return t._params.scale if hasattr(t, "_params") else t._layout_params["scale"]
 
 
-def _step(q, scale):
-    if q.dtype == torch.int8:
-        return torch.ones(q.shape, dtype=torch.float64) * scale
-    mant, min_exp = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}[q.dtype]
-    exp = torch.floor(torch.log2(q.double().abs().clamp_min(1e-30))).clamp_min(min_exp)
-    return torch.pow(2.0, exp - mant) * scale
-
-
 @pytest.mark.parametrize("style", ["kitchen", "0.3.75"])
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2, torch.int8])
 def test_bake_from_pristine_at_the_checkpoint_scale_and_restore(style, dtype):
@@ -64,7 +58,7 @@ def test_bake_from_pristine_at_the_checkpoint_scale_and_restore(style, dtype):
         saturated = quant.write("k.weight", param, pristine, [(strength, lora)])
         exact = base + strength * lora.up.double() @ lora.down.double()
         live = param._qdata.double() * scale
-        far = (live - exact).abs() > _step(param._qdata, scale) / 2 + 1e-7
+        far = (live - exact).abs() > quant_step(param._qdata, scale) / 2 + 1e-7
         assert bool((live.abs() == qmax * scale)[far].all())  # only saturated values are further off
         assert saturated == int((exact.abs() / scale > qmax + quant._TOP_STEP[dtype] / 2).sum())
         assert float(_scale(param)) == scale
@@ -75,7 +69,7 @@ def test_bake_from_pristine_at_the_checkpoint_scale_and_restore(style, dtype):
     assert quant.nbytes(param) == 32 * 16 + 4 and quant.storage_dtype(param) == dtype
 
 
-def test_saturation_is_counted_beyond_half_a_step():
+def test_saturation_is_counted_beyond_half_aquant_step():
     param = _weight(torch.float8_e4m3fn, "kitchen")
     pristine = _clone(param)
     big = LoraFactors.from_tensors(torch.ones(32, 1), torch.ones(1, 16), None, "big")  # +1.0: far over the range

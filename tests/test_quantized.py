@@ -15,6 +15,7 @@ import torch
 
 import test_offsets as sd3
 from comfy_host import load, run_loader
+from oracle import quant_step
 
 pytestmark = pytest.mark.host
 
@@ -69,15 +70,6 @@ def _same(a, b) -> bool:
                            if y.element_size() == 1 else y) for x, y in zip(a, b) if x is not None)
 
 
-def _step(q: torch.Tensor, scale) -> torch.Tensor:
-    """The quantization step at each stored value (float64): fp8 ulp at |q| (subnormals fixed), 1 for int8."""
-    if q.dtype == torch.int8:
-        return torch.full(q.shape, 1.0, dtype=torch.float64) * scale
-    mant, min_exp = {torch.float8_e4m3fn: (3, -6), torch.float8_e5m2: (2, -14)}[q.dtype]
-    exp = torch.floor(torch.log2(q.double().abs().clamp_min(1e-30))).clamp_min(min_exp)
-    return torch.pow(2.0, exp - mant) * scale
-
-
 @pytest.fixture(scope="module")
 def quant_host(comfy_host):
     import comfy.quant_ops
@@ -111,7 +103,7 @@ def test_quantized_bases_bake_once_from_pristine_and_reset_exactly(quant_host, f
         q, scale = first[key]
         live = q.double() * scale.double()
         slack = 64 * 2.0 ** -24 * mag[key]
-        far = (live - exact[key]).abs() > _step(q, scale.double()) / 2 + slack
+        far = (live - exact[key]).abs() > quant_step(q, scale.double()) / 2 + slack
         top = float(q.double().abs().max()) * scale.double()  # saturated at the scale's range: only beyond it
         assert bool(((live.abs() == top) & (exact[key].abs() > top))[far].all()), key
         assert torch.equal(scale, pristine[key][1])  # the checkpoint's scale
@@ -184,7 +176,7 @@ def test_plain_fp8_weights_bake_once_and_reset_exactly(comfy_host, fixtures_dir,
     first = {k: _raw(ours.model.get_parameter(k)) for k in keys}
     for key in keys:
         q = first[key][0]
-        far = (q.double() - exact[key]).abs() > _step(q, 1.0) / 2 + 64 * 2.0 ** -24 * mag[key]
+        far = (q.double() - exact[key]).abs() > quant_step(q, 1.0) / 2 + 64 * 2.0 ** -24 * mag[key]
         assert int(far.sum()) == 0, key
     load(h, run_loader(h, model, None, rows[1])[0])
     load(h, run_loader(h, model, None, *rows)[0])

@@ -15,7 +15,7 @@ import torch
 
 import arch_fixtures as af
 from comfy_server import ComfyServer, host_version
-from test_layouts import CASES, _write
+from test_layouts import CASES, Case, _m, _write
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,12 +50,11 @@ def _files(server, arch):
     model = server.base / "models" / "diffusion_models" / f"{arch}.safetensors"
     if not model.exists():
         af.write(arch, model)
-    sd = af.state_dict(arch)
-    from test_layouts import Case, _m
+    spec = af.spec(arch)
     for name, what in loras.items():
         case = CASES[what] if isinstance(what, str) else Case(arch, "kohya", 4.0, tuple(
             _m(module, path) for module, path in what.items()))
-        shapes = {m.key: tuple(sd[m.key[len("diffusion_model."):]].shape) for m in case.modules}
+        shapes = {m.key: spec[m.key[len("diffusion_model."):]] for m in case.modules}
         _write(case, server.base / "models" / "loras" / name, shapes, seed=7)
     return list(loras)
 
