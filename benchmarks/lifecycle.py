@@ -1,7 +1,7 @@
 """Lifecycle costs in the real ComfyUI host, in-process, on the tiny fp16 SD1.5 fixture: this pack vs a chain of
 stock LoraLoader nodes, for the events a queued prompt causes (first bake, unchanged re-run, strength edit, plain
-path), plus what an injection-based lifecycle would pay per run. Prints a table; figures for the README's design
-section. Usage: python benchmarks/lifecycle.py [--repeat 5]   (run via scripts/setup_host.sh's python)
+path), plus what a lifecycle that restores on eject would pay per run. Prints a table; figures for the README's
+design section. Usage: python benchmarks/lifecycle.py [--repeat 5]   (run via scripts/setup_host.sh's python)
 """
 from __future__ import annotations
 
@@ -79,8 +79,8 @@ def main(argv=None):
             rows.append((name, t_first, t_same, t_edit, t_plain))
         engine = engine_for(model.model, create=False)
         clip_engine = engine_for(clip.patcher.model, create=False)
-        # An injection lifecycle ejects (restores) and re-injects (re-bakes) the touched keys ~3x per KSampler run
-        # and 1x per CLIP encode even when nothing changed (../shared/notes/comfyui-lifecycle.md, probe pack).
+        # A lifecycle that restores on eject and re-bakes on inject would do so ~3x per KSampler run and 1x per
+        # CLIP encode even when nothing changed (../shared/notes/comfyui-lifecycle.md, probe pack).
         plan_m, plan_c = ours()
         spec_m = plan_m.get_attachment("batch_lora").plan
         spec_c = plan_c.patcher.get_attachment("batch_lora").plan
@@ -91,8 +91,8 @@ def main(argv=None):
     print(f"{'':<22}{'first bake':>12}{'unchanged':>12}{'strength edit':>15}{'edit + plain':>14}")
     for name, *vals in rows:
         print(f"{name:<22}" + "".join(f"{v:>{w}.1f}" for v, w in zip(vals, (12, 12, 15, 14))))
-    print(f"injection lifecycle, unchanged stack: ~{3 * cycle_m + cycle_c:.1f} ms of restore+re-bake per prompt "
-          f"(3 x {cycle_m:.1f} UNet + 1 x {cycle_c:.1f} CLIP), vs 0 writes for this pack")
+    print(f"restore-on-eject lifecycle, unchanged stack: ~{3 * cycle_m + cycle_c:.1f} ms of restore+re-bake per "
+          f"prompt (3 x {cycle_m:.1f} UNet + 1 x {cycle_c:.1f} CLIP), vs 0 writes for this pack")
     print(f"this pack's base caches (fp32): UNet {engine.cache.nbytes / 2**20:.1f} MiB, CLIP "
           f"{clip_engine.cache.nbytes / 2**20:.1f} MiB; ComfyUI's backup holds no second copy of these keys")
 

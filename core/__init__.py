@@ -6,7 +6,7 @@
 - ``files``:  reading LoRA safetensors files, validated, through a byte-bounded parsed-file cache.
 - ``backends``: weight keys through torch.compile / OneDiff wrappers, refusals, compiler refreshes.
 """
-from .backends import Target, UnsupportedTarget, frozen_reason, resolve, wrapper_kind
+from .backends import Target, UnsupportedTarget, frozen_reason, per_tree, resolve, tree_version, wrapper_kind, wrappers
 from .cache import BaseCache, CacheBudgetError, return_freed_memory
 from .engine import ApplyInterrupted, ApplyReport, Counters, InPlacePatcher
 from .files import LoraFileCache, LoraFileError, shown
@@ -14,7 +14,8 @@ from .fuse import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, Lo
                    Term, fuse_into, fused_weight, surely_finite)
 
 __all__ = [
-    "Target", "UnsupportedTarget", "frozen_reason", "resolve", "wrapper_kind", "BaseCache", "CacheBudgetError",
+    "Target", "UnsupportedTarget", "frozen_reason", "per_tree", "resolve", "tree_version", "wrapper_kind", "wrappers",
+    "BaseCache", "CacheBudgetError",
     "return_freed_memory", "ApplyInterrupted", "ApplyReport", "Counters", "InPlacePatcher", "LoraFileCache",
     "LoraFileError", "shown", "FuseError", "LoraFactors", "LohaFactors", "LokrFactors", "DiffFactors", "DoraFactors",
     "SliceFactors", "Factors", "Term", "fuse_into", "fused_weight", "surely_finite"

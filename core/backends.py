@@ -26,7 +26,33 @@ import torch
 
 from . import quant
 
-__all__ = ["Target", "UnsupportedTarget", "resolve", "wrapper_kind", "frozen_reason", "after_write"]
+__all__ = ["Target", "UnsupportedTarget", "resolve", "wrapper_kind", "wrappers", "frozen_reason", "after_write",
+           "tree_version", "per_tree"]
+
+_TREE_VERSION = [0]
+
+
+def _count_registration(module, name, submodule):
+    _TREE_VERSION[0] += 1
+
+
+torch.nn.modules.module.register_module_module_registration_hook(_count_registration)
+
+
+def tree_version() -> int:
+    """A counter that moves whenever any ``nn.Module`` in the process gets a submodule (assignment,
+    ``add_module``/``register_module``: torch's global module registration hook), e.g. when a compiler wrapper
+    replaces ``diffusion_model``. Values computed from a module tree stay valid while it is unchanged."""
+    return _TREE_VERSION[0]
+
+
+def per_tree(root: torch.nn.Module, name: str, compute):
+    """``compute(root)``, kept in ``root.__dict__`` under ``name`` until ``tree_version()`` moves."""
+    version = tree_version()
+    held = root.__dict__.get(name)
+    if held is None or held[0] != version:
+        held = root.__dict__[name] = (version, compute(root))
+    return held[1]
 
 _FIX = ("put the Batch LoRA Loader before the node that compiles or quantizes the model, or compile without "
         "freezing")
@@ -71,6 +97,13 @@ def wrapper_kind(module) -> str | None:
         if cls.__name__ == "DeployableModule" and cls.__module__.startswith("onediff"):
             return "onediff"
     return None
+
+
+def wrappers(root: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """``(wrapper_kind, module)`` of every torch.compile/OneDiff wrapper in ``root.modules()`` (``root`` included),
+    in that order; walked once per module tree (``per_tree``)."""
+    return per_tree(root, "_batch_lora_wrappers",
+                    lambda r: [(kind, m) for m in r.modules() if (kind := wrapper_kind(m)) is not None])
 
 
 def _unwrap(module) -> tuple[torch.nn.Module, str | None]:
@@ -160,9 +193,9 @@ def frozen_reason(compile_kwargs: dict | None = None, modules=()) -> str | None:
         if (compile_kwargs.get("options") or {}).get("freezing") or "freezing" in str(compile_kwargs.get("mode")):
             return f"the model is compiled with freezing ({compile_kwargs})"
     for module in modules:
-        for sub in module.modules():
-            if wrapper_kind(sub) in ("torch.compile", "onediff-nexfort"):
-                compiled = sub if wrapper_kind(sub) == "torch.compile" else sub.__dict__.get("_deployable_module_model")
+        for kind, sub in wrappers(module):
+            if kind in ("torch.compile", "onediff-nexfort"):
+                compiled = sub if kind == "torch.compile" else sub.__dict__.get("_deployable_module_model")
                 if any(c.get("freezing") for c in _backend_configs(compiled)):
                     return f"{type(sub).__name__} was compiled with freezing"
     return None

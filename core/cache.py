@@ -77,6 +77,7 @@ class BaseCache:
         self._fp32_room: int | None = None  # "auto": bytes of float32 copies allowed, set when filling starts
         self._upcast: dict[str, int] = {}  # key -> bytes, for float32 copies of fp16/bf16 weights
         self._fp32_bytes = 0  # their sum
+        self._absmax: dict[str, float] = {}  # key -> max|base|, computed on first request
 
     def __contains__(self, key: str) -> bool:
         return key in self._copies
@@ -150,10 +151,21 @@ class BaseCache:
         """The cached base of ``key``. Raises KeyError if it was never captured."""
         return self._copies[key]
 
+    def absmax(self, key: str) -> float:
+        """``max|base|`` of ``key``'s cached base (float; NaN if the base has a NaN), computed once (one read of
+        the copy) and kept until the key is dropped. Not for quantized copies. Raises KeyError if never captured."""
+        value = self._absmax.get(key)
+        if value is None:
+            copy = self._copies[key].detach()
+            low, high = torch.aminmax(copy if copy.element_size() > 1 else copy.half())  # fp8: exact in fp16
+            value = self._absmax[key] = max(-float(low), float(high))  # NaN propagates to both
+        return value
+
     def drop(self, keys: Iterable[str] | None = None) -> None:
         """Forget the copies of ``keys`` (all when None). Callers must not drop a key that is still patched."""
         for key in list(self._copies) if keys is None else keys:
             self._copies.pop(key, None)
+            self._absmax.pop(key, None)
             self._fp32_bytes -= self._upcast.pop(key, 0)
 
 

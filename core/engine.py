@@ -19,7 +19,7 @@ import torch
 from . import quant
 from .backends import Target, after_write, resolve
 from .cache import BaseCache
-from .fuse import Term, fuse_into
+from .fuse import Term, fuse_into, surely_finite
 
 __all__ = ["InPlacePatcher", "ApplyInterrupted", "ApplyReport", "Counters"]
 
@@ -87,6 +87,7 @@ class InPlacePatcher:
         self.last_apply: ApplyReport | None = None  # the last successful apply of a non-empty stack
         self.last_reset: ApplyReport | None = None  # the last successful apply of an empty stack (a reset)
         self.labels: tuple[str, ...] = ()  # labels of the stack baked into the weights now (empty: at base)
+        self.signature: str | None = None  # the caller's identity of the whole stack baked now (see ``apply``)
         # key -> (signature, terms) of what is baked into the live weight; absent = the weight is at its base.
         self._applied: dict[str, tuple[tuple, Sequence[Term]]] = {}
         self._targets: dict[str, Target] = {}
@@ -109,6 +110,8 @@ class InPlacePatcher:
         engine's base copies): each counts as a restore (``counters.restores``) done by the host
         (``counters.host_restores``). Returns the keys that held terms."""
         forgotten = {key for key in keys if self._applied.pop(key, None) is not None}
+        if forgotten:
+            self.signature = None
         self.counters.restores += len(forgotten)
         self.counters.host_restores += len(forgotten)
         if not self._applied:
@@ -116,7 +119,8 @@ class InPlacePatcher:
         return forgotten
 
     def apply(self, stack: Mapping[str, Sequence[Term]], *, should_stop: Callable[[], bool] | None = None,
-              progress: Callable[[int, int], None] | None = None, labels: Sequence[str] = ()) -> ApplyReport:
+              progress: Callable[[int, int], None] | None = None, labels: Sequence[str] = (),
+              signature: str | None = None) -> ApplyReport:
         """Make the module's weights equal ``base + stack`` on the touched keys, all or nothing.
 
         Keys in ``stack`` get ``round(base_fp32 + sum s_i*delta_i)`` (see ``core.fuse``); keys that
@@ -129,6 +133,9 @@ class InPlacePatcher:
             progress: ``progress(done, total)`` after each key written.
             labels: names for the stack (e.g. ``file@strength_model/strength_clip``), kept in the report and in
                 ``self.labels`` for status displays.
+            signature: the caller's identity of the whole stack (equal text = equal terms on every key). When it
+                equals the signature of the stack baked now and no key was ``forget``-ed since, nothing is
+                compared or written (the report counts every key unchanged); None always compares per key.
         Returns:
             An ``ApplyReport``, also kept as ``self.last_apply`` (non-empty stack) or ``self.last_reset``.
         Raises:
@@ -138,6 +145,9 @@ class InPlacePatcher:
         """
         start = time.perf_counter()
         report = ApplyReport(labels=tuple(labels))
+        if signature is not None and signature == self.signature:
+            report.unchanged = len(stack)
+            return report
         moved = {k: now for k, ptr in self._placed.items()
                  if (now := quant.storage_ptr(self._targets[k].param)) != ptr}
         if moved:
@@ -176,6 +186,7 @@ class InPlacePatcher:
         report.seconds = time.perf_counter() - start
         report.finished_at = time.time()
         self.labels = report.labels if self._applied else ()
+        self.signature = signature
         if any(stack.values()):
             self.last_apply = report
         else:
@@ -208,8 +219,9 @@ class InPlacePatcher:
                 if saturated:
                     log.warning("batch-lora: %s: %d merged values beyond the range of the checkpoint's scale were "
                                 "saturated (lower the strength, or load the model unquantized)", key, saturated)
-            else:
-                fuse_into(key, param, base, terms)
+            else:  # the per-block NaN/Inf screen only where bounds cannot prove the result finite
+                fuse_into(key, param, base, terms,
+                          check=not surely_finite(self.cache.absmax(key), terms, param.dtype))
             self.counters.merges += 1
         else:
             if quant.is_quantized(param):

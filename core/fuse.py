@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Sequence, Union
 
 import torch
@@ -149,7 +150,11 @@ class LoraFactors:
         return up[r0:r1] @ down
 
     def bound(self, base_absmax: float) -> float:
-        """An upper bound on ``max|delta|`` at strength 1 (``base_absmax`` unused)."""
+        """An upper bound on ``max|delta|`` at strength 1 (``base_absmax`` unused; computed once per factor set)."""
+        return self._unit_bound
+
+    @cached_property
+    def _unit_bound(self) -> float:
         return abs(self.scale) * _lowrank_bound(self.up, self.down)
 
 
@@ -530,7 +535,8 @@ class _Merge:
         return out
 
 
-def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype) -> torch.Tensor:
+def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: torch.dtype,
+                 check: bool = True) -> torch.Tensor:
     """Compute ``round_to(dtype)(base + sum_i s_i * delta_i)`` for one weight key, out of place.
 
     The same row-blocked pass as ``fuse_into`` (one code path, so an out-of-place result and an in-place write of
@@ -542,14 +548,15 @@ def fused_weight(key: str, base: torch.Tensor, terms: Sequence[Term], dtype: tor
                result is on the same device).
         terms: the stack's terms for this key (must not be empty).
         dtype: the model weight's dtype; the fp32 sum is rounded to it exactly once (round-to-nearest-even).
+        check: screen for NaN/Inf (as ``fuse_into``).
     Returns:
         A new contiguous tensor of ``base.shape`` and ``dtype``.
     Raises:
-        FuseError: if a factor's shape does not match ``base`` or the result has NaN/Inf (in fp32 or after
-            rounding, e.g. fp16 overflow).
+        FuseError: if a factor's shape does not match ``base`` or (with ``check``) the result has NaN/Inf (in
+            fp32 or after rounding, e.g. fp16 overflow).
     """
     out = torch.empty(base.shape, dtype=dtype, device=base.device)
-    _fuse_blocks(key, out, base, terms)
+    _fuse_blocks(key, out, base, terms, check)
     return out
 
 
@@ -577,7 +584,7 @@ GEMM rate: for a 1280 x 11520 conv weight and R = 512 (8 LoRAs of rank 64) 22-ro
 128-row blocks (one thread, this machine); at R = 16 the two differ by under 10%."""
 
 
-def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
+def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence[Term], check: bool = True) -> None:
     """Write ``round_to(param.dtype)(base + sum_i s_i * delta_i)`` into ``param`` in place.
 
     Computed in row blocks (``BLOCK_ELEMENTS``, ``BLOCK_MIN_ROWS``) so that mostly the base (read) and the weight
@@ -589,20 +596,22 @@ def fuse_into(key: str, param: torch.Tensor, base: torch.Tensor, terms: Sequence
         param: the live weight ``[out, *in_dims]`` (float16/bfloat16/float32; written via ``.data``).
         base: its base, ``param``'s shape, float32 or native dtype, any device (upcast per block).
         terms: the stack's terms for this key (must not be empty).
+        check: screen each block for NaN/Inf. A caller that proved the result finite from bounds
+            (``surely_finite``) passes False and saves a pass over every block.
     Raises:
         FuseError: shape mismatch (nothing written) or NaN/Inf in the result; in the latter case ``param`` may be
             partly written and the caller must restore it.
     """
     data = param.data
     if data.is_contiguous():
-        _fuse_blocks(key, data, base, terms)
+        _fuse_blocks(key, data, base, terms, check)
     else:
-        data.copy_(fused_weight(key, base.to(data.device), terms, data.dtype))
+        data.copy_(fused_weight(key, base.to(data.device), terms, data.dtype, check))
 
 
-def _fuse_blocks(key: str, data: torch.Tensor, base: torch.Tensor, terms: Sequence[Term]) -> None:
+def _fuse_blocks(key: str, data: torch.Tensor, base: torch.Tensor, terms: Sequence[Term], check: bool = True) -> None:
     """The merge itself: row blocks of ``base + terms`` in float32, each rounded into the contiguous ``data``
-    and screened for NaN/Inf (``FuseError``, ``data`` then partly written)."""
+    and, with ``check``, screened for NaN/Inf (``FuseError``, ``data`` then partly written)."""
     merge = _Merge(key, base, terms, data.device)
     out_rows = data.shape[0]
     flat = data.view(out_rows, -1)
@@ -612,5 +621,5 @@ def _fuse_blocks(key: str, data: torch.Tensor, base: torch.Tensor, terms: Sequen
     for r0, r1, segment in merge.blocks(step):
         block, out = flat[r0:r1], merge.rows(r0, r1, segment, scratch[: r1 - r0])
         block.copy_(out)
-        if not _block_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
+        if check and not _block_finite(out, limit) and not bool(torch.isfinite(block.sum(dtype=torch.float32))):
             raise _non_finite(key)

@@ -1,18 +1,24 @@
-"""How this pack rides ComfyUI's ModelPatcher lifecycle (ComfyUI 0.3.75 comfy/model_patcher.py).
+"""How this pack rides ComfyUI's ModelPatcher lifecycle (ComfyUI 0.3.75 / 0.33.0 comfy/model_patcher.py).
 
-A Batch LoRA Loader output is a ``ModelPatcher`` clone that carries a ``StackSpec`` attachment, an ON_LOAD
-callback (constant key, module-level function: torch.compile guards stay stable) and a deterministic
-``patches_uuid`` derived from the model's own uuid and the stack's signature. ComfyUI re-patches a model only when
-the incoming patcher's ``patches_uuid`` differs from the one its weights were baked for
-(``ModelPatcher.partially_load``); it then restores every entry of the shared ``backup`` dict, bakes its own
-patches and fires ON_LOAD, where this pack fuses its stack in place through ``core.InPlacePatcher``.
+A Batch LoRA Loader output is a ``ModelPatcher`` clone that carries a ``StackSpec`` attachment, a
+``PatcherInjection`` under this pack's key and a deterministic ``patches_uuid``. ComfyUI's ``partially_load`` runs
+inside ``use_ejected(skip_and_inject_on_exit_only=True)``, so every load of a patcher ends with its injections'
+``inject``, whatever else the load did; this pack's ``inject`` (``_inject``) fuses the patcher's stack in place
+through ``core.InPlacePatcher`` (only the keys whose terms changed), and its ``eject`` does nothing: the weights
+stay baked, as ComfyUI's own patches stay baked while a model is ejected.
+
+On the classic patcher every stack on one base model has the same ``patches_uuid`` (``uuid5(base uuid,
+"batch-lora")``). A change of stack (a switch or a strength edit) is then no weight change to ComfyUI: it restores
+nothing, does not move the model to its offload device and back, and this pack's ``inject`` writes each key once,
+the keys of the new stack baked straight from the base, the keys that leave it restored. A plain path or Reset
+Adapters has the base model's own uuid: ComfyUI then restores every entry of the shared ``backup`` dict.
 
 Every key this pack writes is registered in that ``backup`` dict as a ``PackBackup`` whose ``weight`` is the
 pack's exact base copy (or, on a key that also carries a stock ComfyUI patch, ComfyUI's own entry), so any
-ComfyUI restore (plain path, another stack, unload, CheckpointSave's forced re-patch, lowvram partial unload)
-puts the key back bit-exactly, and ``isinstance(backup[key], PackBackup)`` tells the pack that the key still holds
-its terms. Consequences: an unchanged stack costs nothing (same uuid, no ON_LOAD); a changed stack costs one
-ComfyUI restore + one fused bake of the touched keys; the pack holds no second copy of a weight.
+ComfyUI restore (plain path, unload, CheckpointSave's forced re-patch, lowvram partial unload) puts the key back
+bit-exactly, and ``isinstance(backup[key], PackBackup)`` tells the pack that the key still holds its terms.
+Consequences: an unchanged stack costs one signature comparison per load (no merge, no write); a changed stack
+costs one fused write per changed key; the pack holds no second copy of a weight.
 """
 from __future__ import annotations
 
@@ -27,11 +33,11 @@ import psutil
 import torch
 import comfy.model_management
 import comfy.utils
-from comfy.patcher_extension import CallbacksMP, WrappersMP
+from comfy.patcher_extension import CallbacksMP, PatcherInjection, WrappersMP
 
 from . import dynamic
 from ..core import (ApplyInterrupted, BaseCache, InPlacePatcher, Term, UnsupportedTarget, frozen_reason,
-                    return_freed_memory, wrapper_kind)
+                    return_freed_memory, wrappers)
 
 __all__ = ["StackSpec", "PackBackup", "with_stack", "stack_of", "engine_for", "engines", "release_caches", "RELEASED",
            "check_not_frozen", "describe"]
@@ -49,7 +55,7 @@ class StackSpec:
 
     plan: weight key -> terms ``(strength, factors)`` (``core.fuse`` factor sets).
     signature: text identifying files (path, size, mtime), modules and strengths; equal text = equal weights.
-    own_uuid: the ``patches_uuid`` this pack gave the patcher.
+    own_uuid: the ``patches_uuid`` this pack gave the patcher (classic: the same for every stack on one base).
     clean_uuid: the ``patches_uuid`` of the same model without this pack's stack, None if unknown (stock
         patches were added after this pack's stack).
     labels: ``name@strength_model/strength_clip`` per LoRA, for logs; node: the loader node, for errors.
@@ -91,6 +97,16 @@ def _cache_options() -> dict:
             "budget_bytes": int(float(budget) * 2**20) if budget else None}
 
 
+def _cache_device(patcher):
+    """Where the base cache of ``patcher``'s model lives: BATCH_LORA_BASE_CACHE_DEVICE=offload (default: the
+    model's offload device, pinned host memory for a CUDA model, so each bake reads the base over PCIe) or load
+    (the model's load device: VRAM, so a bake never leaves the GPU). Raises ValueError for another value."""
+    place = os.environ.get("BATCH_LORA_BASE_CACHE_DEVICE", "offload")
+    if place not in ("offload", "load"):
+        raise ValueError(f"BATCH_LORA_BASE_CACHE_DEVICE must be 'offload' or 'load', not {place!r}")
+    return patcher.load_device if place == "load" else patcher.offload_device
+
+
 def stack_of(patcher) -> StackSpec | None:
     """The ``StackSpec`` a ModelPatcher carries, or None."""
     return patcher.get_attachment(KEY)
@@ -107,14 +123,17 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
                release_cache: bool = False, node: str = "Batch LoRA Loader"):
     """A clone of ``patcher`` (ModelPatcher) whose weights will be ``base + plan`` when ComfyUI loads it.
 
-    An empty ``plan`` gives a clone without any stack of this pack (Reset Adapters): its uuid is the model's
-    clean uuid when known, so it shares baked weights with the plain path; with ``release_cache`` its load also
-    drops the pack's base copies of the restored keys. The input patcher is not modified.
+    The clone's ``patches_uuid`` is ``uuid5(base uuid, "batch-lora")`` on the classic patcher: every stack on one
+    base shares it, so ComfyUI leaves a stack switch to this pack's ``inject``. On the dynamic patcher it is
+    ``uuid5(base uuid, signature)``: a new uuid is how ComfyUI learns that its layers' patch lists changed. An
+    empty ``plan`` gives a clone without any stack of this pack (Reset Adapters): its uuid is the model's clean uuid
+    when known, so it shares baked weights with the plain path; with ``release_cache`` its load also drops the
+    pack's base copies of the restored keys. The input patcher is not modified.
     """
     clean = _clean_uuid(patcher)
     clone = patcher.clone()
-    if not clone.get_callbacks(CallbacksMP.ON_LOAD, KEY):  # clones inherit these; one call per event is enough
-        clone.add_callback_with_key(CallbacksMP.ON_LOAD, KEY, _on_load)
+    if not clone.get_injections(KEY):  # clones inherit these; one call per event is enough
+        clone.set_injections(KEY, [PatcherInjection(inject=_inject, eject=_eject)])
         clone.add_wrapper_with_key(WrappersMP.OUTER_SAMPLE, KEY, _outer_sample)
     if dynamic.is_dynamic(clone):  # the stack rides ComfyUI's own patch list there (see nodes/dynamic.py)
         dynamic.set_patches(clone, plan)
@@ -128,18 +147,18 @@ def with_stack(patcher, plan: Mapping[str, Sequence[Term]], signature: str, labe
         clone.patches_uuid = clean if clean is not None else uuid.uuid5(_NAMESPACE, f"{patcher.patches_uuid}|none")
         return clone
     native = clean if clean is not None else patcher.patches_uuid
-    own = uuid.uuid5(_NAMESPACE, f"{native}|{signature}")
+    own = uuid.uuid5(_NAMESPACE, f"{native}|{signature if dynamic.is_dynamic(clone) else 'batch-lora'}")
     clone.set_attachments(KEY, StackSpec(plan, signature, own, clean, tuple(labels), node))
     clone.patches_uuid = own
     return clone
 
 
-def engine_for(model: torch.nn.Module, offload_device=None, create: bool = True) -> InPlacePatcher | None:
+def engine_for(model: torch.nn.Module, cache_device=None, create: bool = True) -> InPlacePatcher | None:
     """The pack's ``InPlacePatcher`` (base cache + applied state) for one torch model (a ComfyUI BaseModel or a
-    text-encoder module), created on first use with a base cache on ``offload_device`` (see ``_cache_options``)."""
+    text-encoder module), created on first use with a base cache on ``cache_device`` (see ``_cache_options``)."""
     engine = model.__dict__.get(_ENGINE_ATTR)
     if engine is None and create:
-        cache = BaseCache(device=offload_device, **_cache_options())
+        cache = BaseCache(device=cache_device, **_cache_options())
         engine = model.__dict__[_ENGINE_ATTR] = InPlacePatcher(model, cache)
     return engine
 
@@ -194,9 +213,8 @@ def describe(patcher) -> str:
     if kwargs:
         mode = f", mode={kwargs['mode']}" if kwargs.get("mode") else ""
         kinds.append(f"torch.compile({kwargs.get('backend')}{mode})")
-    for module in patcher.model.modules():
-        kind = wrapper_kind(module)
-        if kind is not None and kind not in kinds:
+    for kind, _ in wrappers(patcher.model):
+        if kind not in kinds:
             kinds.append(kind)
     return ", ".join(kinds) or "eager"
 
@@ -215,15 +233,15 @@ def check_not_frozen(patcher, plan: Mapping[str, Sequence[Term]], node: str) -> 
 
 
 def _outer_sample(executor, *args, **kwargs):
-    """WrappersMP.OUTER_SAMPLE: take this pack's entries (its callbacks and this wrapper) out of the sampler's
-    ``transformer_options`` before the model runs, leaving them as a plain path has them.
+    """WrappersMP.OUTER_SAMPLE: take this pack's entries (this wrapper, and ON_CLONE on a dynamic patcher) out of
+    the sampler's ``transformer_options`` before the model runs, leaving them as a plain path has them.
 
     ComfyUI copies a patcher's callbacks and wrappers into the sampling's ``transformer_options``
     (``sampler_helpers.prepare_model_patcher``, before this wrapper runs), and those reach the diffusion model:
     the attention blocks copy every key (comfy/ldm/modules/attention.py), so a torch.compile'd model guards on
     them, and a compiled plain path after a compiled stack recompiled once (guard failure: KeyError on
-    ``transformer_options['callbacks']['on_load_after']``). The patcher keeps its own callbacks, which are what
-    fires ON_LOAD; the entries removed here are the sampler's copy."""
+    ``transformer_options['callbacks']['on_load_after']`` while the pack used ON_LOAD). The patcher keeps its own
+    entries; the ones removed here are the sampler's copy."""
     options = getattr(executor.class_obj, "model_options", {}).get("transformer_options", {})
     for group in ("callbacks", "wrappers"):
         kinds = options.get(group, {})
@@ -234,24 +252,41 @@ def _outer_sample(executor, *args, **kwargs):
     return executor(*args, **kwargs)
 
 
-def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full_load) -> None:
-    """CallbacksMP.ON_LOAD: bring this model's weights to ``base + stack`` after ComfyUI baked its own patches (the
-    classic patcher), or just record the stack (the dynamic patcher: ComfyUI evaluates the ``PackPatch`` entries
-    when each layer runs)."""
+def _eject(patcher) -> None:
+    """PatcherInjection.eject: nothing. The stack stays baked while the model is ejected, as ComfyUI's own baked
+    patches do; ComfyUI's restores go through the ``PackBackup`` entries."""
+
+
+def _inject(patcher) -> None:
+    """PatcherInjection.inject, at the end of every load of ``patcher`` (``partially_load``) and of
+    ``use_ejected`` blocks: bring the model's weights to ``base + stack`` on the classic patcher (after ComfyUI
+    baked its own patches), or record the stack on the dynamic one (ComfyUI evaluates the ``PackPatch`` entries
+    when each layer runs). Does nothing unless the model's weights are this patcher's (``current_weight_patches_uuid``;
+    not after a failed load's ``detach``).
+
+    Raises FuseError, CacheBudgetError, UnsupportedTarget (see ``InPlacePatcher.apply``; every key written is
+    rolled back first) or ComfyUI's InterruptProcessingException (the user cancelled the bake)."""
+    if getattr(patcher.model, "current_weight_patches_uuid", None) != patcher.patches_uuid:
+        return
     spec = stack_of(patcher)
     if dynamic.is_dynamic(patcher):
         dynamic.note_load(patcher, spec.labels if spec is not None else (), len(spec.plan) if spec else 0)
         return
-    engine = engine_for(patcher.model, patcher.offload_device, create=spec is not None)
+    engine = engine_for(patcher.model, _cache_device(patcher), create=spec is not None)
     if engine is None:
         return
     backup = patcher.backup
     _LOADED[engine] = backup
     restored_by_comfy = _sync(engine, backup)
     plan = spec.plan if spec is not None else {}
+    signature = f"{patcher.patches_uuid}|{spec.signature}" if spec is not None else None
+    if signature is not None and signature == engine.signature:  # unchanged: nothing to compare or write
+        return
+    if spec is None and not engine.applied_keys and not restored_by_comfy:  # at its base, as at the last call
+        return
     check_not_frozen(patcher, plan, spec.node if spec is not None else "")
-    # A key that also carries a stock patch was just re-baked by ComfyUI: its base for this pack is that result,
-    # captured anew; a base captured over stock patches is stale once they are gone.
+    # A key that also carries a stock patch may have just been re-baked by ComfyUI: its base for this pack is the
+    # live weight, captured anew (any key not holding this pack's terms is at that base).
     over_stock = _OVER_STOCK.setdefault(engine, set())
     stock = {k for k in plan if k in patcher.patches}
     engine.cache.drop([k for k in plan if k not in engine.applied_keys and (k in stock or k in over_stock)])
@@ -261,7 +296,7 @@ def _on_load(patcher, device_to, lowvram_model_memory, force_patch_weights, full
     try:
         report = engine.apply(plan, should_stop=comfy.model_management.processing_interrupted,
                               progress=lambda done, total: bar.update_absolute(done, total),
-                              labels=spec.labels if spec is not None else ())
+                              labels=spec.labels if spec is not None else (), signature=signature)
     except BaseException as exc:  # the engine already put back every key it had written
         log.warning("batch-lora: %s: bake of %s stopped (%s); every key written was rolled back",
                     type(patcher.model).__name__, ", ".join(spec.labels) if spec else "no stack",

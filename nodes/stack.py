@@ -9,6 +9,7 @@ ComfyUI 0.3.75 lacks (``_unet_key_map``) and the trainer layouts of ``nodes/layo
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import ntpath
@@ -24,7 +25,7 @@ import comfy.weight_adapter
 
 from . import layouts
 from ..core import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LoraFileCache, LoraFileError,
-                    LohaFactors, LokrFactors, SliceFactors, UnsupportedTarget, resolve, shown)
+                    LohaFactors, LokrFactors, SliceFactors, UnsupportedTarget, per_tree, resolve, shown)
 
 __all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "lora_path", "is_row_key", "FILES",
            "MAX_STRENGTH", "ROW_SHAPES", "NOT_A_ROW"]
@@ -238,9 +239,10 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         UnsupportedTarget: a touched weight is quantized (int8), names the key.
         NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
     """
-    unet_map = _unet_key_map(model.model) if model is not None else {}
-    clip_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}) if clip is not None else {}
-    maps_id = (hash(frozenset(unet_map.items())), hash(frozenset(clip_map.items())))
+    unet = per_tree(model.model, _INDEX_ATTR, lambda m: _Index(_unet_key_map(m))) if model is not None else _NONE
+    clip_side = per_tree(clip.cond_stage_model, _INDEX_ATTR, lambda m: _Index(comfy.lora.model_lora_keys_clip(m, {}))
+                         ) if clip is not None else _NONE
+    maps_id = (unet.map_id, clip_side.map_id)
     arch = type((model.model.model_config if model is not None else clip.cond_stage_model)).__name__
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
@@ -256,35 +258,79 @@ def build_plans(model, clip, entries: list[LoraEntry]):
                                  " merge the rows into one (strengths add up)")
             ident = FILES.identity(path, entry.name)
             mapped, unmatched = FILES.derived(
-                path, ("mapping", maps_id), lambda tensors: _map_file(entry.name, ident, tensors, unet_map, clip_map),
+                path, ("mapping", maps_id),
+                lambda tensors: _map_file(entry.name, ident, tensors, unet.key_map, clip_side.key_map),
                 label=entry.name)
+            sides = FILES.derived(path, ("checked", unet.token, clip_side.token),
+                                  lambda _: _checked(entry.name, mapped, model, clip), label=entry.name)
             skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
             match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
                               skipped=len(skipped))
-            touched = set()
-            for key, factors, in_unet in mapped:
-                target, strength = (model, entry.strength_model) if in_unet else (clip.patcher, entry.strength_clip)
-                try:
-                    factors.check(key, tuple(resolve(target.model, key).param.shape))
-                except FuseError as exc:
-                    raise FuseError(f"LoRA {shown(entry.name)}: {exc}") from exc
+            for side, plan, strength in ((sides[0], unet_plan, entry.strength_model),
+                                         (sides[1], clip_plan, entry.strength_clip)):
                 if strength != 0.0:
-                    (unet_plan if in_unet else clip_plan).setdefault(key, []).append((strength, factors))
-                sliced = type(factors) is SliceFactors
-                match.kinds[_KINDS[type(factors.inner if sliced else factors)]] += 1
-                match.slices += sliced
-                if (key, in_unet) not in touched:
-                    touched.add((key, in_unet))
-                    if in_unet:
-                        match.unet_keys += 1
-                    else:
-                        match.clip_keys += 1
+                    for key, factors in side.terms:
+                        plan.setdefault(key, []).append((strength, factors))
+                match.kinds.update(side.kinds)
+                match.slices += side.slices
+            match.unet_keys, match.clip_keys = sides[0].keys, sides[1].keys
         except (LoraFileError, ValueError, UnsupportedTarget, NotImplementedError) as exc:
             raise type(exc)(f"{entry.row}: {exc}") from exc
         matches.append(match)
         unet_signature.append(f"{ident}:{entry.strength_model!r}")
         clip_signature.append(f"{ident}:{entry.strength_clip!r}")
     return unet_plan, clip_plan, matches, "|".join(unet_signature), "|".join(clip_signature)
+
+
+_INDEX_ATTR = "_batch_lora_index"
+_TOKENS = itertools.count()
+
+
+class _Index:
+    """ComfyUI's LoRA key map of one torch model (``{LoRA module name: weight key}``), its identity (``map_id``, a
+    hash of the map) and a ``token`` no other index ever has; kept on the model per module tree (``per_tree``), so
+    a re-executed loader neither rebuilds the map nor re-checks the files it has already checked on this model."""
+
+    def __init__(self, key_map: dict):
+        self.key_map = key_map
+        self.map_id = hash(frozenset(key_map.items()))
+        self.token = next(_TOKENS)
+
+
+_NONE = _Index({})  # no model / no CLIP connected
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One file on one side (UNet or text encoder) of the models, shape-checked: ``(weight key, factors)`` per
+    patch, in file order; patches per format; patches on slices of fused weights; distinct weight keys."""
+
+    terms: tuple
+    kinds: Counter
+    slices: int
+    keys: int
+
+
+def _checked(name: str, mapped, model, clip) -> tuple[_Side, _Side]:
+    """``(UNet side, text-encoder side)`` of a mapped file, every factor checked against its weight's shape.
+    Raises FuseError (naming the file and key) for a factor that does not fit."""
+    sides = []
+    for in_unet, root in ((True, model.model if model is not None else None),
+                          (False, clip.patcher.model if clip is not None else None)):
+        terms, kinds, slices = [], Counter(), 0
+        for key, factors, unet in mapped:
+            if unet != in_unet:
+                continue
+            try:
+                factors.check(key, tuple(resolve(root, key).param.shape))
+            except FuseError as exc:
+                raise FuseError(f"LoRA {shown(name)}: {exc}") from exc
+            terms.append((key, factors))
+            sliced = type(factors) is SliceFactors
+            kinds[_KINDS[type(factors.inner if sliced else factors)]] += 1
+            slices += sliced
+        sides.append(_Side(tuple(terms), kinds, slices, len({key for key, _ in terms})))
+    return sides[0], sides[1]
 
 
 def _unet_key_map(model) -> dict:
@@ -327,7 +373,7 @@ def _map_file(name: str, ident: tuple, tensors: dict, unet_map: dict, clip_map: 
                             f"{', '.join(shown(k, 80) for k in sorted(tensors)[:3])}); it is for another "
                             "architecture or not a LoRA")
     unet_keys = {_key_of(key) for key in unet_map.values()}
-    mapped = [(_key_of(key), _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}#{key}"),
+    mapped = [(_key_of(key), _factors(name, key, adapter, f"{ident[0]}@{ident[1]}:{ident[2]}:{ident[3]}#{key}"),
                _key_of(key) in unet_keys or _weight_of(key) in unet_keys) for key, adapter in patches.items()]
     matched = {x for x, key in key_map.items() if key in patches or _bias_of(key) in patches}
     return mapped, sorted(k for k in tensors if not _has_prefix(k, matched))

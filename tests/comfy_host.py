@@ -17,8 +17,12 @@ COMFYUI_PATH = Path(os.environ.get("COMFYUI_PATH") or ROOT / ".comfyui")
 _HOST = None
 
 
-def host(models_dir: Path) -> SimpleNamespace:
+def host(models_dir: Path, argv: list[str] | None = None) -> SimpleNamespace:
     """Import ComfyUI once per process and point its checkpoints/loras folders at ``models_dir``.
+
+    ``argv``: None sets only ``--cpu`` (the tests); a list (e.g. ``[]`` or ``["--highvram"]`` on a GPU) imports the
+    host's own ``main.py`` with those command-line options, which sets the host up as its server start-up does
+    (DynamicVRAM / comfy-aimdo on 0.33) without starting the server. Only the first call's ``argv`` counts.
 
     Returns a namespace with ``comfy`` (the package), ``mm`` (comfy.model_management), ``sd`` (comfy.sd),
     ``nodes`` (ComfyUI's own top-level nodes module), ``folder_paths`` and ``pack`` (this pack's nodes module).
@@ -28,8 +32,15 @@ def host(models_dir: Path) -> SimpleNamespace:
         if not (COMFYUI_PATH / "main.py").is_file():
             raise RuntimeError(f"no ComfyUI at {COMFYUI_PATH}: run scripts/setup_host.sh or set COMFYUI_PATH")
         sys.path.insert(0, str(COMFYUI_PATH))
-        import comfy.cli_args
-        comfy.cli_args.args.cpu = True  # before comfy.model_management: the torch build is a CUDA one
+        if argv is None:
+            import comfy.cli_args
+            comfy.cli_args.args.cpu = True  # before comfy.model_management: the torch build is a CUDA one
+        else:
+            saved, sys.argv = sys.argv, [str(COMFYUI_PATH / "main.py"), *argv]
+            try:
+                importlib.import_module("main")
+            finally:
+                sys.argv = saved
         import comfy.model_management as mm
         import comfy.sd
         import folder_paths

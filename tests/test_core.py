@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from oracle import beyond_one_rounding, same_bits
 
 from batch_lora.core import (ApplyInterrupted, BaseCache, CacheBudgetError, FuseError, InPlacePatcher,
-                             LoraFactors, LoraFileCache, LoraFileError, fuse_into, fused_weight)
+                             LoraFactors, LoraFileCache, LoraFileError, fuse_into, fused_weight, per_tree, wrappers)
 
 
 def factors(out, inner, rank, alpha, seed, token=None, conv=None):
@@ -160,6 +160,63 @@ def test_unchanged_stack_does_no_work_and_edit_rebakes_only_touched_keys():
     assert (report.merged, report.unchanged) == (1, 2)
     assert patcher.counters.writes == writes + 1
     assert patcher.counters.moves == 0
+
+
+def test_signature_skips_an_unchanged_stack_until_a_key_is_forgotten():
+    net = Net()
+    patcher = InPlacePatcher(net)
+    stack = stack_of(net, 1)
+    patcher.apply(stack, signature="s1")
+    writes, baked = patcher.counters.writes, snapshot(net)
+    edited = dict(stack)
+    edited["lin.weight"] = [(0.25, stack["lin.weight"][0][1])]
+    report = patcher.apply(edited, signature="s1")  # the caller vouches: same signature = same terms
+    assert (report.merged, report.unchanged, patcher.counters.writes) == (0, 3, writes)
+    assert_same_bits(snapshot(net), baked)
+    patcher.forget(["lin.weight"])  # the host restored a key: the signature no longer describes the weights
+    assert patcher.signature is None
+    with torch.no_grad():
+        net.lin.weight.copy_(patcher.cache.get("lin.weight"))
+    report = patcher.apply(stack, signature="s1")
+    assert (report.merged, report.unchanged) == (1, 2)
+    assert_same_bits(snapshot(net), baked)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bake_skips_the_nan_screen_only_where_bounds_prove_the_key_finite(monkeypatch, dtype):
+    import batch_lora.core.fuse as fuse
+    screened = []
+    real = fuse._block_finite
+    monkeypatch.setattr(fuse, "_block_finite", lambda block, limit: screened.append(block.shape) or real(block, limit))
+    net = Net(dtype)
+    patcher = InPlacePatcher(net)
+    stack = stack_of(net, 1)
+    for key in stack:
+        base = net.get_parameter(key).detach()
+        assert patcher.cache.capture(key, base) is not None
+        assert patcher.cache.absmax(key) == float(base.double().abs().max())
+    patcher.apply(stack)
+    assert screened == []
+    for key, terms in stack.items():
+        expected = fused_weight(key, patcher.cache.get(key), terms, dtype)
+        assert same_bits(net.get_parameter(key).detach().contiguous(), expected), key
+    # A factor set whose bound reaches half the dtype's range is screened, and an overflow is refused, rolled back.
+    before = snapshot(net)
+    huge = LoraFactors.from_tensors(torch.full((48, 1), 600.0), torch.full((1, 40), 600.0), None, "huge")
+    with pytest.raises(FuseError, match="lin.weight.*NaN/Inf"):
+        patcher.apply({**stack, "lin.weight": [(1.0 if dtype == torch.float16 else 1e33, huge)]})
+    assert screened and screened[0][1] == 40
+    assert_same_bits(snapshot(net), before)
+
+
+def test_base_cache_absmax_is_nan_for_a_nan_base():
+    cache = BaseCache()
+    weight = torch.tensor([[1.0, float("nan")], [-3.0, 2.0]], dtype=torch.float16)
+    cache.capture("k", weight)
+    assert math.isnan(cache.absmax("k"))
+    cache.drop(["k"])
+    cache.capture("k", torch.tensor([[1.0, -5.0]], dtype=torch.float8_e4m3fn))
+    assert cache.absmax("k") == 5.0
 
 
 def test_moves_counts_applies_after_the_host_moved_the_weights():
@@ -376,3 +433,15 @@ def test_blocked_in_place_fuse_matches_oracle_and_rolls_back_a_half_written_key(
     with pytest.raises(FuseError, match="lin.weight"):
         patcher.apply(bad)
     assert_same_bits(snapshot(net), applied)
+
+
+def test_per_tree_values_are_recomputed_when_a_submodule_is_assigned_anywhere():
+    net = Net()
+    calls = []
+    names = lambda: per_tree(net, "_test_names", lambda m: calls.append(1) or sorted(n for n, _ in m.named_modules()))
+    assert names() == ["", "conv", "lin", "pw"] and names() == ["", "conv", "lin", "pw"] and len(calls) == 1
+    assert wrappers(net) == []
+    compiled = torch.compile(net.pw)  # an OptimizedModule wrapper (nothing is compiled until it runs)
+    net.pw = compiled
+    assert names() == ["", "conv", "lin", "pw", "pw._orig_mod"] and len(calls) == 2
+    assert wrappers(net) == [("torch.compile", compiled)]

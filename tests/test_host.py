@@ -163,6 +163,53 @@ def test_unchanged_stack_costs_nothing_and_edit_rebakes_only_touched(comfy_host)
         assert engine.counters.moves == clip_engine.counters.moves == 0
 
 
+def test_switch_writes_each_key_once_and_equals_a_fresh_bake(comfy_host):
+    """A -> B on the classic patcher: ComfyUI restores nothing (the stacks share a uuid); the keys of B are baked
+    from the base and the keys that leave the stack are restored, each with one write; the weights equal B baked on
+    a fresh model, bit for bit, and a plain path after it is the exact base."""
+    h = comfy_host
+    from batch_lora.nodes.lifecycle import engine_for
+    model, clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+    fresh, fresh_clip = load_checkpoint(h, fx.CHECKPOINT_NAME, torch.float16)
+
+    def changes(before, after, unet):
+        """(keys to bake, keys to restore) going from stack ``before`` to ``after`` ([(file, strength)])."""
+        def terms(stack):
+            out = {}
+            for name, s in stack:
+                for k in MANIFEST[name].model_keys:
+                    if k.startswith("diffusion_model.") == unet:
+                        out.setdefault(k, []).append((name, s))
+            return out
+        old, new = terms(before), terms(after)
+        return {k for k, t in new.items() if old.get(k) != t}, set(old) - set(new)
+
+    unet_bake, unet_gone = changes([(A, 0.8), (B, -0.7), (C, 0.6)], [(A, 0.8)], True)
+    clip_bake, clip_gone = changes([(A, 1.0), (B, 1.3), (C, 0.5)], [(A, 0.4)], False)
+    assert unet_bake and unet_gone and clip_bake and clip_gone  # the fixtures exercise every case
+    with torch.inference_mode():
+        load(h, model, clip.load_model())
+        base_u, base_c = weights(model), weights(clip.patcher)
+        a_m, a_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0), row(B, -0.7, 1.3), row(C, 0.6, 0.5))
+        load(h, a_m, a_c.load_model())
+        engine, clip_engine = engine_for(model.model, create=False), engine_for(clip.patcher.model, create=False)
+        before = [(e.counters.merges, e.counters.writes, e.counters.host_restores) for e in (engine, clip_engine)]
+        b_m, b_c, _ = run_loader(h, model, clip, row(A, 0.8, 0.4))
+        assert b_m.patches_uuid == a_m.patches_uuid
+        load(h, b_m, b_c.load_model())
+        after = [(e.counters.merges, e.counters.writes, e.counters.host_restores) for e in (engine, clip_engine)]
+        assert after[0][:2] == (before[0][0] + len(unet_bake), before[0][1] + len(unet_bake) + len(unet_gone))
+        assert after[1][:2] == (before[1][0] + len(clip_bake), before[1][1] + len(clip_bake) + len(clip_gone))
+        assert after[0][2] == before[0][2] and after[1][2] == before[1][2]  # ComfyUI restored nothing
+        switched_u, switched_c = weights(b_m), weights(b_c.patcher)
+        f_m, f_c, _ = run_loader(h, fresh, fresh_clip, row(A, 0.8, 0.4))
+        load(h, f_m, f_c.load_model())
+        assert all(torch.equal(switched_u[k], v) for k, v in weights(f_m).items())
+        assert all(torch.equal(switched_c[k], v) for k, v in weights(f_c.patcher).items())
+        load(h, model, clip.load_model())
+        assert same_weights(model, base_u) and same_weights(clip.patcher, base_c)
+
+
 def test_bad_loras_rejected_and_model_left_bit_identical(comfy_host, fixtures_dir):
     h = comfy_host
     from batch_lora.core import FuseError, LoraFileError
@@ -206,8 +253,7 @@ def test_chained_loaders_and_lora_stack_equal_one_loader(comfy_host):
         expected_u, expected_c = weights(one_m), weights(one_c.patcher)
         mid_m, mid_c, _ = run_loader(h, model, clip, row(A, 0.8, 1.0))
         two_m, two_c, _ = run_loader(h, mid_m, mid_c, row(C, 0.6, 0.5))
-        on_load = h.comfy.patcher_extension.CallbacksMP.ON_LOAD
-        assert len(two_m.get_all_callbacks(on_load)) == len(model.get_all_callbacks(on_load)) + 1  # one hook
+        assert len(two_m.get_injections("batch_lora")) == 1 and not model.get_injections("batch_lora")  # one hook
         load(h, two_m, two_c.load_model())
         assert same_weights(two_m, expected_u)
         stack_m, stack_c, _ = run_loader(h, model, clip, row(C, 0.6, 0.5), lora_stack=[(A, 0.8, 1.0)])
