@@ -16,11 +16,11 @@ For K LoRAs it times the events a queued prompt causes, end to end through Comfy
   reset      stack A -> base (this pack: Reset Adapters; stock: the plain checkpoint output)
   unchanged  the loader node re-executes with the same stack (e.g. --cache-none)
 for this pack (Batch LoRA Loader; with the float32 and the native-dtype base cache, BATCH_LORA_BASE_CACHE) and
-stock ComfyUI (a chain of K LoraLoader / LoraLoaderModelOnly nodes), as medians and ratios. With --forward every
-event also runs one forward pass of the diffusion model (DynamicVRAM builds patched weights only then) and a
-steady-state forward is subtracted. Beside each figure: the machine's measured bounds (copy bandwidth, fp32
-matmul rate; on CUDA also pinned host-to-device bandwidth), the fused apply against its roofline and reset
-against its copy bound. Also peak RSS (and VRAM), cache bytes. Writes benchmarks/results/<model>.json.
+stock ComfyUI (a chain of K LoraLoader nodes), as medians and ratios. With --forward every event also runs one
+forward pass of the diffusion model (DynamicVRAM builds patched weights only then); a steady-state forward is
+timed and printed beside. Beside each figure: the machine's measured bounds (copy bandwidth, fp32 matmul rate; on
+CUDA also pinned host-to-device bandwidth), the fused apply against its roofline, reset against its copy bound
+and the switch's bound. Also RSS (and peak VRAM), cache bytes. Writes benchmarks/results/stack_switch_<model>.json.
 --host-argv imports the host's own main.py with those options (GPU: "" for ComfyUI's defaults, DynamicVRAM on
 0.33; "--highvram"); without it the host runs with --cpu. benchmarks/gpu.py runs the GPU matrix in one command.
 """
@@ -266,15 +266,15 @@ def main(argv=None):
                 ev = {e: [] for e in EVENTS}
                 for _ in range(args.repeat):
                     load((model, clip))
-                    ev["apply"].append(timed(lambda: load(build_stack(a))) - steady)
-                    ev["edit"].append(timed(lambda: load(build_stack(a_edit))) - steady)
+                    ev["apply"].append(timed(lambda: load(build_stack(a))))
+                    ev["edit"].append(timed(lambda: load(build_stack(a_edit))))
                     load(build_stack(a))
-                    ev["switch"].append(timed(lambda: load(build_stack(b))) - steady)
+                    ev["switch"].append(timed(lambda: load(build_stack(b))))
                     load(build_stack(a))
                     base_mc = resetter.reset(False, *build_stack(a)) if impl == "pack" else (model, clip)
-                    ev["reset"].append(timed(lambda: load(base_mc)) - steady)  # the graph's outputs already exist
+                    ev["reset"].append(timed(lambda: load(base_mc)))  # the graph's outputs already exist
                     load(build_stack(a))
-                    ev["unchanged"].append(timed(lambda: load(build_stack(a))) - steady)
+                    ev["unchanged"].append(timed(lambda: load(build_stack(a))))
                 name = impl if impl == "stock" else f"pack[{cache}]"
                 out = {"ms": {e: statistics.median(v) for e, v in ev.items()}, "rss_bytes": proc.memory_info().rss}
                 if device.type == "cuda":
@@ -287,9 +287,13 @@ def main(argv=None):
                     out["unchanged_merges_writes"] = (engine.counters.merges - before[0],
                                                       engine.counters.writes - before[1])
                     plan = dict(ours(a)[0].get_attachment("batch_lora").plan)
-                    per = {key: engine.cache.get(key).element_size() for key in plan}
+                    plan_b = dict(ours(b)[0].get_attachment("batch_lora").plan)
+                    per = {key: engine.cache.get(key).element_size() for key in {**plan, **plan_b}}  # all captured
                     on_host = engine.cache.get(next(iter(plan))).device.type == "cpu"
                     out["bounds"] = bounds(plan, params, per, machine, on_host)
+                    gone = {key: () for key in plan if key not in plan_b}
+                    out["switch_bound_ms"] = (bounds(plan_b, params, per, machine, on_host)["apply_ms"]
+                                              + bounds(gone, params, per, machine, on_host)["reset_ms"])
                     engine.reset()
                     out["fused_unet_apply_ms"] = timed(lambda: engine.apply(plan))
                     out["unet_reset_ms"] = timed(engine.reset)
@@ -317,7 +321,8 @@ def print_table(report: dict) -> None:
     print(f"\n{report['model']} on {m['device']} (host argv {report['host_argv']!r}; DynamicVRAM "
           f"{'on' if report['dynamic_vram'] else 'off'}; {report['threads']} threads); copy {m['copy_gb_s']:.1f} GB/s, "
           f"fp32 matmul {m['matmul_gflop_s']:.0f} GFLOP/s{extra}; median ms of {report['repeat']}"
-          + (f", minus a steady forward of {report['steady_forward_ms']:.1f} ms" if report["forward"] else "")
+          + (f", each with one forward pass (a steady forward: {report['steady_forward_ms']:.1f} ms)"
+             if report["forward"] else "")
           + "; ratio = stock / pack")
     for r in report["rows"]:
         impls = r["impls"]
@@ -336,7 +341,8 @@ def print_table(report: dict) -> None:
             print(f"  {n}: fused UNet apply {p['fused_unet_apply_ms']:.0f} ms = {p['fused_unet_apply_ms'] / b['apply_ms']:.2f}x "
                   f"its bound ({b['bytes'] / 2**20:.0f} MiB, {b['flops'] / 1e9:.0f} GFLOP -> {b['apply_ms']:.0f} ms); "
                   f"UNet reset {p['unet_reset_ms']:.0f} ms = {p['unet_reset_ms'] / b['reset_ms']:.2f}x its copy bound "
-                  f"({b['reset_ms']:.0f} ms); unchanged merges/writes {tuple(p['unchanged_merges_writes'])}; moves "
+                  f"({b['reset_ms']:.0f} ms); UNet switch bound {p['switch_bound_ms']:.0f} ms (stock's switch "
+                  f"{impls['stock']['ms']['switch']:.0f} ms, UNet + CLIP); unchanged merges/writes {tuple(p['unchanged_merges_writes'])}; moves "
                   f"{p['moves']}; base cache {p['base_cache_bytes'] / 2**20:.0f} MiB, LoRA cache "
                   f"{p['lora_cache_bytes'] / 2**20:.0f} MiB; RSS {p['rss_bytes'] / 2**30:.2f} GiB"
                   + (f"; peak VRAM {p['peak_vram_bytes'] / 2**30:.2f} GiB" if "peak_vram_bytes" in p else ""))

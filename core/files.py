@@ -72,8 +72,9 @@ class LoraFileCache:
                 offsets past the end), or a tensor with NaN/Inf values (names the tensor); the file is named as
                 ``label`` (default: its base name), never by its server path.
         """
-        label = shown(label or os.path.basename(path))
-        ident = self.identity(path)
+        return self._load(self.identity(path, label), shown(label or os.path.basename(path)))
+
+    def _load(self, ident: tuple[str, int, int, int], label: str) -> dict[str, torch.Tensor]:
         with self._lock:
             cached = self._files.get(ident)
             if cached is not None:
@@ -102,8 +103,8 @@ class LoraFileCache:
         """A value computed from the tensors of ``path`` (e.g. its mapping onto a model's keys), kept with the
         file's cache entry: ``compute(tensors)`` runs once per file version and ``name``, and the value goes
         when the file is evicted or changes on disk. Raises what ``load`` raises (``label`` as there)."""
-        tensors = self.load(path, label)
-        ident = self.identity(path)
+        ident = self.identity(path, label)
+        tensors = self._load(ident, shown(label or os.path.basename(path)))
         with self._lock:
             values = self._derived.setdefault(ident, {})
             if name in values:

@@ -215,7 +215,7 @@ def lora_path(name: str) -> str:
         log.warning("batch-lora: LoRA %r is in none of the loras folders %s", name, folders)
         raise LoraFileError(f"LoRA {shown(name)} is not in the loras folder; check the name")
     real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, os.path.realpath(d)]) == os.path.realpath(d) for d in folders):
+    if not any(os.path.commonpath([real, d]) == d for d in map(os.path.realpath, folders)):
         log.warning("batch-lora: LoRA %r is a link to %s, outside the loras folders %s", name, real, folders)
         raise LoraFileError(f"LoRA {shown(name)} is a link that leads outside the loras folder; add that "
                             "folder as a loras path in extra_model_paths.yaml instead of linking to it")
@@ -242,7 +242,6 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     unet = per_tree(model.model, _INDEX_ATTR, lambda m: _Index(_unet_key_map(m))) if model is not None else _NONE
     clip_side = per_tree(clip.cond_stage_model, _INDEX_ATTR, lambda m: _Index(comfy.lora.model_lora_keys_clip(m, {}))
                          ) if clip is not None else _NONE
-    maps_id = (unet.map_id, clip_side.map_id)
     arch = type((model.model.model_config if model is not None else clip.cond_stage_model)).__name__
     unet_plan: dict[str, list] = {}
     clip_plan: dict[str, list] = {}
@@ -257,12 +256,10 @@ def build_plans(model, clip, entries: list[LoraEntry]):
                 raise ValueError(f"LoRA {shown(entry.name)} is the same file as {first.row} ({shown(first.name)});"
                                  " merge the rows into one (strengths add up)")
             ident = FILES.identity(path, entry.name)
-            mapped, unmatched = FILES.derived(
-                path, ("mapping", maps_id),
-                lambda tensors: _map_file(entry.name, ident, tensors, unet.key_map, clip_side.key_map),
-                label=entry.name)
-            sides = FILES.derived(path, ("checked", unet.token, clip_side.token),
-                                  lambda _: _checked(entry.name, mapped, model, clip), label=entry.name)
+            sides, unmatched = FILES.derived(
+                path, ("on", unet.token, clip_side.token),
+                lambda tensors: _checked(entry.name, *_map_file(entry.name, ident, tensors, unet.key_map,
+                                                                clip_side.key_map), model, clip), label=entry.name)
             skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
             match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
                               skipped=len(skipped))
@@ -287,13 +284,13 @@ _TOKENS = itertools.count()
 
 
 class _Index:
-    """ComfyUI's LoRA key map of one torch model (``{LoRA module name: weight key}``), its identity (``map_id``, a
-    hash of the map) and a ``token`` no other index ever has; kept on the model per module tree (``per_tree``), so
-    a re-executed loader neither rebuilds the map nor re-checks the files it has already checked on this model."""
+    """ComfyUI's LoRA key map of one torch model (``{LoRA module name: weight key}``) and a ``token`` no other
+    index ever has; kept on the model per module tree (``per_tree``), so a re-executed loader neither rebuilds the
+    map nor re-maps and re-checks a file it has already read for this model (``FILES.derived`` under the tokens,
+    dropped with the file)."""
 
     def __init__(self, key_map: dict):
         self.key_map = key_map
-        self.map_id = hash(frozenset(key_map.items()))
         self.token = next(_TOKENS)
 
 
@@ -311,9 +308,9 @@ class _Side:
     keys: int
 
 
-def _checked(name: str, mapped, model, clip) -> tuple[_Side, _Side]:
-    """``(UNet side, text-encoder side)`` of a mapped file, every factor checked against its weight's shape.
-    Raises FuseError (naming the file and key) for a factor that does not fit."""
+def _checked(name: str, mapped, unmatched, model, clip) -> tuple[tuple[_Side, _Side], list[str]]:
+    """``((UNet side, text-encoder side), unmatched)`` of a file mapped by ``_map_file``, every factor checked
+    against its weight's shape. Raises FuseError (naming the file and key) for a factor that does not fit."""
     sides = []
     for in_unet, root in ((True, model.model if model is not None else None),
                           (False, clip.patcher.model if clip is not None else None)):
@@ -330,7 +327,7 @@ def _checked(name: str, mapped, model, clip) -> tuple[_Side, _Side]:
             kinds[_KINDS[type(factors.inner if sliced else factors)]] += 1
             slices += sliced
         sides.append(_Side(tuple(terms), kinds, slices, len({key for key, _ in terms})))
-    return sides[0], sides[1]
+    return (sides[0], sides[1]), unmatched
 
 
 def _unet_key_map(model) -> dict:
