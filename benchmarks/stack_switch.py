@@ -304,9 +304,11 @@ def main(argv=None):
                 row["impls"][name] = out
             results.append(row)
             print(f"K={k} done", flush=True)
-    report = {"model": args.model, "machine": machine, "host_argv": args.host_argv, "forward": args.forward,
-              "steady_forward_ms": steady, "dynamic_vram": dynamic, "rss_start": rss0, "rss_model_loaded": rss_loaded,
-              "rows": results, "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads()}
+    import comfyui_version  # the host's root is on sys.path once comfy_host imported it
+    report = {"model": args.model, "comfyui": comfyui_version.__version__, "machine": machine,
+              "host_argv": args.host_argv, "forward": args.forward, "steady_forward_ms": steady,
+              "dynamic_vram": dynamic, "rss_start": rss0, "rss_model_loaded": rss_loaded, "rows": results,
+              "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads()}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"stack_switch_{args.model}.json"
     path.write_text(json.dumps(report, indent=2))
@@ -318,8 +320,9 @@ def print_table(report: dict) -> None:
     """The report as a table: per K and event, ms per implementation and stock / pack ratios; bounds beside."""
     m = report["machine"]
     extra = f", host->device {m['h2d_gb_s']:.1f} GB/s" if "h2d_gb_s" in m else ""
-    print(f"\n{report['model']} on {m['device']} (host argv {report['host_argv']!r}; DynamicVRAM "
-          f"{'on' if report['dynamic_vram'] else 'off'}; {report['threads']} threads); copy {m['copy_gb_s']:.1f} GB/s, "
+    print(f"\n{report['model']} on {m['device']}, ComfyUI {report['comfyui']} (host argv {report['host_argv']!r}; "
+          f"DynamicVRAM {'on' if report['dynamic_vram'] else 'off'}; {report['threads']} threads); copy "
+          f"{m['copy_gb_s']:.1f} GB/s, "
           f"fp32 matmul {m['matmul_gflop_s']:.0f} GFLOP/s{extra}; median ms of {report['repeat']}"
           + (f", each with one forward pass (a steady forward: {report['steady_forward_ms']:.1f} ms)"
              if report["forward"] else "")
@@ -338,13 +341,15 @@ def print_table(report: dict) -> None:
             if "bounds" not in p:
                 continue
             b = p["bounds"]
-            print(f"  {n}: fused UNet apply {p['fused_unet_apply_ms']:.0f} ms = {p['fused_unet_apply_ms'] / b['apply_ms']:.2f}x "
+            apply_ms = p["fused_unet_apply_ms"]
+            print(f"  {n}: fused UNet apply {apply_ms:.0f} ms = {apply_ms / b['apply_ms']:.2f}x "
                   f"its bound ({b['bytes'] / 2**20:.0f} MiB, {b['flops'] / 1e9:.0f} GFLOP -> {b['apply_ms']:.0f} ms); "
                   f"UNet reset {p['unet_reset_ms']:.0f} ms = {p['unet_reset_ms'] / b['reset_ms']:.2f}x its copy bound "
                   f"({b['reset_ms']:.0f} ms); UNet switch bound {p['switch_bound_ms']:.0f} ms (stock's switch "
-                  f"{impls['stock']['ms']['switch']:.0f} ms, UNet + CLIP); unchanged merges/writes {tuple(p['unchanged_merges_writes'])}; moves "
-                  f"{p['moves']}; base cache {p['base_cache_bytes'] / 2**20:.0f} MiB, LoRA cache "
-                  f"{p['lora_cache_bytes'] / 2**20:.0f} MiB; RSS {p['rss_bytes'] / 2**30:.2f} GiB"
+                  f"{impls['stock']['ms']['switch']:.0f} ms, UNet + CLIP); unchanged merges/writes "
+                  f"{tuple(p['unchanged_merges_writes'])}; moves {p['moves']}; base cache "
+                  f"{p['base_cache_bytes'] / 2**20:.0f} MiB, LoRA cache {p['lora_cache_bytes'] / 2**20:.0f} MiB; RSS "
+                  f"{p['rss_bytes'] / 2**30:.2f} GiB"
                   + (f"; peak VRAM {p['peak_vram_bytes'] / 2**30:.2f} GiB" if "peak_vram_bytes" in p else ""))
 
 

@@ -158,8 +158,8 @@ def set_patches(patcher, plan: Mapping[str, Sequence[Term]]) -> None:
 
 
 def on_clone(source, clone) -> None:
-    """CallbacksMP.ON_CLONE: a clone demoted to the classic patcher drops this pack's ``PackPatch`` entries (the
-    classic ON_LOAD bake applies the same stack in place instead)."""
+    """CallbacksMP.ON_CLONE: a clone demoted to the classic patcher drops this pack's ``PackPatch`` entries; the
+    classic in-place bake (``lifecycle``'s injection) applies the same stack instead."""
     if not is_dynamic(clone):
         strip_patches(clone)
 
@@ -188,6 +188,6 @@ def check_finite(patcher, plan: Mapping[str, Sequence[Term]], node: str) -> None
 
 
 def note_load(patcher, labels: Sequence[str], keys: int) -> None:
-    """ON_LOAD under the dynamic patcher: record the stack now attached to the model (nothing is written)."""
+    """The injection under the dynamic patcher: record the stack now attached to the model (nothing is written)."""
     state = _state(patcher.model)
     state.labels, state.keys = tuple(labels), keys
