@@ -113,7 +113,9 @@ def build(h, name: str, flux_blocks: tuple[int, int]):
         inputs = {"x": torch.randn(1, 16, 16, 16), "t": torch.tensor([0.5]), "c_crossattn": torch.randn(1, 64, 4096),
                   "y": torch.randn(1, 768), "guidance": torch.tensor([3.5])}
     _fill([model] + ([clip.cond_stage_model] if clip is not None else []))
-    patcher = comfy.model_patcher.ModelPatcher(model, h.mm.get_torch_device(), h.mm.unet_offload_device())
+    # the patcher class the host's loaders use: 0.33's main.py makes it ModelPatcherDynamic under DynamicVRAM
+    patcher_class = getattr(comfy.model_patcher, "CoreModelPatcher", comfy.model_patcher.ModelPatcher)
+    patcher = patcher_class(model, h.mm.get_torch_device(), h.mm.unet_offload_device())
     return patcher, clip, inputs
 
 
