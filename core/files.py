@@ -99,12 +99,12 @@ class LoraFileCache:
                 self._files.pop(ident, None)
         return tensors
 
-    def derived(self, path: str, name, compute, label: str | None = None):
-        """A value computed from the tensors of ``path`` (e.g. its mapping onto a model's keys), kept with the
-        file's cache entry: ``compute(tensors)`` runs once per file version and ``name``, and the value goes
-        when the file is evicted or changes on disk. Raises what ``load`` raises (``label`` as there)."""
-        ident = self.identity(path, label)
-        tensors = self._load(ident, shown(label or os.path.basename(path)))
+    def derived(self, ident: tuple[str, int, int, int], name, compute, label: str | None = None):
+        """A value computed from the tensors of the file version ``ident`` (``identity(path)``, which the caller
+        already has; e.g. the file's mapping onto a model's keys), kept with the file's cache entry:
+        ``compute(tensors)`` runs once per file version and ``name``, and the value goes when the file is evicted
+        or changes on disk. Raises what ``load`` raises (``label`` as there)."""
+        tensors = self._load(ident, shown(label or os.path.basename(ident[0])))
         with self._lock:
             values = self._derived.setdefault(ident, {})
             if name in values:

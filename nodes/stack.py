@@ -257,7 +257,7 @@ def build_plans(model, clip, entries: list[LoraEntry]):
                                  " merge the rows into one (strengths add up)")
             ident = FILES.identity(path, entry.name)
             sides, unmatched = FILES.derived(
-                path, ("on", unet.token, clip_side.token),
+                ident, ("on", unet.token, clip_side.token),
                 lambda tensors: _checked(entry.name, *_map_file(entry.name, ident, tensors, unet.key_map,
                                                                 clip_side.key_map), model, clip), label=entry.name)
             skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
