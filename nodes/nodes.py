@@ -5,6 +5,7 @@ import logging
 
 from ..core import return_freed_memory
 from .dynamic import check_finite, is_dynamic
+from .info import base_model_note, loaded_loras, lora_info, trigger_words
 from .lifecycle import check_not_frozen, describe, release_caches, stack_of, with_stack
 from .stack import FILES, NOT_A_ROW, ROW_SHAPES, build_plans, is_row_key, lora_path, parse_entries
 from .status import prompt_server
@@ -13,8 +14,9 @@ log = logging.getLogger("comfyui-batch-lora")
 
 CATEGORY = "loaders/batch lora"
 
-ROW_TOOLTIP = (f"One LoRA row (a file in models/loras, its strengths, on/off): {ROW_SHAPES}. The node UI edits "
-               "these objects; API prompts send the same ones.")
+ROW_TOOLTIP = (f"One LoRA row (a file in models/loras, its strengths, on/off): {ROW_SHAPES}, optionally with "
+               "\"blocks\": per-block weights (a preset such as SD-INALL, or comma-separated numbers, BASE first). "
+               "The node UI edits these objects; API prompts send the same ones.")
 
 
 class _LoraRows(dict):
@@ -59,16 +61,22 @@ class BatchLoraLoader:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     # New outputs go after the existing ones: saved workflows link outputs by index.
-    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "LORA_STACK", "STRING")
-    RETURN_NAMES = ("MODEL", "CLIP", "report", "lora_stack", "lora_tags")
+    RETURN_TYPES = ("MODEL", "CLIP", "STRING", "LORA_STACK", "STRING", "STRING", "STRING")
+    RETURN_NAMES = ("MODEL", "CLIP", "report", "lora_stack", "lora_tags", "trigger_words", "loaded_loras")
     OUTPUT_TOOLTIPS = ("The model carrying the stack (the input model is not modified).",
                        "The CLIP carrying the stack (None when no CLIP is connected).",
                        "What runs the model (eager, torch.compile, OneDiff), then per LoRA: strengths, UNet/CLIP "
-                       "keys matched and tensors not matched.",
+                       "keys matched, tensors not matched, the base model it was trained for, and a warning when "
+                       "that is not the loaded model's.",
                        "The enabled LoRAs, input stack first, as a LORA_STACK list of (name, strength_model, "
                        "strength_clip) for other LoRA_STACK nodes.",
                        "The enabled LoRAs in A1111 prompt syntax for image metadata, e.g. <lora:style:0.8>; "
-                       "<lora:name:clip:model> when the two strengths differ.")
+                       "<lora:name:clip:model> when the two strengths differ.",
+                       "The enabled LoRAs' trigger words, in row order, without repeats, comma-separated (from "
+                       "Lora-Manager .metadata.json, Civitai .civitai.info, the file's modelspec.trigger_phrase, "
+                       "else its kohya tag frequencies).",
+                       "The enabled LoRAs as JSON: per row its name, strengths, the base model it was trained for "
+                       "and its trigger words.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -96,15 +104,18 @@ class BatchLoraLoader:
 
     @classmethod
     def IS_CHANGED(cls, model, clip=None, lora_stack=None, unique_id=None, **rows):
-        """Files changed on disk make the node run again (ComfyUI otherwise reuses its cached output)."""
+        """Files changed on disk, and edited sidecar files (trigger words, base model), make the node run again
+        (ComfyUI otherwise reuses its cached output)."""
         try:
-            return "|".join(str(FILES.identity(lora_path(e.name))) for e in parse_entries(rows, lora_stack))
+            return "|".join(f"{FILES.identity(lora_path(e.name))}:{hash(lora_info(e.name))}"
+                            for e in parse_entries(rows, lora_stack))
         except Exception as exc:  # the error itself is reported by apply()
             return f"error: {exc}"
 
     def apply(self, model, clip=None, lora_stack=None, unique_id=None, **rows):
-        """Return ``(MODEL, CLIP, report, lora_stack, lora_tags)``: clones carrying the stack (no weight is
-        touched here), the report text, the enabled entries as a LORA_STACK list and as ``<lora:...>`` tags.
+        """Return ``(MODEL, CLIP, report, lora_stack, lora_tags, trigger_words, loaded_loras)``: clones carrying the
+        stack (no weight is touched here), the report text, the enabled entries as a LORA_STACK list and as
+        ``<lora:...>`` tags, their trigger words and the JSON of ``info.loaded_loras`` (nodes/info.py).
 
         Raises (before anything changes): ValueError for a malformed row or strength, LoraFileError for a missing
         or broken file or one that matches nothing, FuseError for a factor that does not fit the model,
@@ -113,20 +124,28 @@ class BatchLoraLoader:
         node = f"Batch LoRA Loader (node {unique_id})" if unique_id is not None else "Batch LoRA Loader"
         entries = parse_entries(rows, lora_stack)
         unet_plan, clip_plan, matches, unet_signature, clip_signature = build_plans(model, clip, entries)
-        labels = [f"{e.name}@{e.strength_model:g}/{e.strength_clip:g}" for e in entries]
+        labels = [f"{e.name}@{e.strength_model:g}/{e.strength_clip:g}" + (f" blocks {e.blocks}" if e.blocks else "")
+                  for e in entries]
         out_model = _stacked(model, unet_plan, unet_signature, labels, node)
         out_clip = None
         if clip is not None:
             out_clip = clip.clone()
             out_clip.patcher = _stacked(clip.patcher, clip_plan, clip_signature, labels, node)
         runs_on = f"model: {describe(model)}" + (f"; clip: {describe(clip.patcher)}" if clip is not None else "")
-        report = "\n".join([runs_on] + ([m.line() for m in matches] or ["no LoRA enabled"]))
-        if not matches:
-            log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
-        for m in matches:
+        infos = [lora_info(e.name) for e in entries]
+        lines = [runs_on]
+        for m, info in zip(matches, infos):
+            note, mismatch = base_model_note(info, m.arch)
+            lines.append(m.line() + (f"\n  {note}" if note else ""))
             (log.warning if m.unmatched else log.info)("batch-lora: %s", m.line(limit=None))
+            if mismatch:
+                log.warning("batch-lora: %s: %s", m.entry.name, note.removeprefix("WARNING: "))
+        if not matches:
+            lines.append("no LoRA enabled")
+            log.warning("batch-lora: Batch LoRA Loader ran with no enabled LoRA (is the web extension loaded?)")
         stack = [(e.name, e.strength_model, e.strength_clip) for e in entries]
-        return (out_model, out_clip, report, stack, " ".join(e.tag() for e in entries))
+        return (out_model, out_clip, "\n".join(lines), stack, " ".join(e.tag() for e in entries),
+                trigger_words(infos), loaded_loras(entries, infos))
 
 
 class ResetAdapters:

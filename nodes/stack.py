@@ -23,12 +23,13 @@ import comfy.lora
 import comfy.utils
 import comfy.weight_adapter
 
+from . import blocks as block_weights
 from . import layouts
 from ..core import (DiffFactors, DoraFactors, Factors, FuseError, LoraFactors, LoraFileCache, LoraFileError,
                     LohaFactors, LokrFactors, SliceFactors, UnsupportedTarget, per_tree, resolve, shown)
 
-__all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "lora_path", "is_row_key", "FILES",
-           "MAX_STRENGTH", "ROW_SHAPES", "NOT_A_ROW"]
+__all__ = ["LoraEntry", "LoraMatch", "parse_entries", "build_plans", "lora_path", "within_loras", "is_row_key",
+           "FILES", "MAX_STRENGTH", "ROW_SHAPES", "NOT_A_ROW"]
 
 log = logging.getLogger("comfyui-batch-lora")
 
@@ -47,14 +48,16 @@ MAX_STRENGTH = 100.0
 
 @dataclass(frozen=True)
 class LoraEntry:
-    """One row of the loader: file name (relative to a loras folder), strengths (dimensionless), on/off, and
-    where it came from, for messages (``lora_2``, ``lora_stack[0]``)."""
+    """One row of the loader: file name (relative to a loras folder), strengths (dimensionless), on/off, where it
+    came from, for messages (``lora_2``, ``lora_stack[0]``), and its per-block weights (``blocks``: the
+    normalised text of ``nodes.blocks.parse``, "" = none)."""
 
     name: str
     strength_model: float = 1.0
     strength_clip: float = 1.0
     on: bool = True
     row: str = ""
+    blocks: str = ""
 
     def tag(self) -> str:
         """The entry in A1111 prompt syntax, as A1111 and Civitai write it into image metadata: the file's base
@@ -87,11 +90,13 @@ class LoraMatch:
 
     def line(self, limit: int | None = 20) -> str:
         """One report line, e.g. ``style.safetensors  model 0.8 clip 1  unet 24 keys, clip 12 keys, 0 unmatched
-        (for SD15; lora 36)``, then ``: name, name, ...`` for unmatched tensors (at most ``limit`` of them named)."""
+        (for SD15; lora 36)`` (``blocks <value>`` after the strengths when the row has block weights), then
+        ``: name, name, ...`` for unmatched tensors (at most ``limit`` of them named)."""
         e = self.entry
         kinds = ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items()))
         sliced = f"; {self.slices} on slices of fused weights" if self.slices else ""
-        text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}  unet {self.unet_keys} keys, "
+        text = (f"{e.name}  model {e.strength_model:g} clip {e.strength_clip:g}"
+                f"{'  blocks ' + e.blocks if e.blocks else ''}  unet {self.unet_keys} keys, "
                 f"clip {self.clip_keys} keys, {len(self.unmatched)} unmatched  (for {self.arch}"
                 f"{'; ' + kinds if kinds else ''}{sliced})")
         if self.skipped:
@@ -158,7 +163,8 @@ def _row(key: str, row) -> LoraEntry | None:
     else:  # rgthree Power Lora Loader's (power_lora_loader.py: strengthTwo is the clip strength)
         sm = _strength(row["strength"], f"{key}.strength")
         sc = _clip_strength(row.get("strengthTwo"), sm, f"{key}.strengthTwo")
-    return LoraEntry(name, sm, sc, row=key) if on and name is not None else None
+    blocks = block_weights.parse(row.get("blocks"), f"{key}.blocks")
+    return LoraEntry(name, sm, sc, row=key, blocks=blocks.text if blocks else "") if on and name is not None else None
 
 
 def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
@@ -170,6 +176,8 @@ def parse_entries(rows: dict, lora_stack=None) -> list[LoraEntry]:
     - ``on``: true or false (absent: true); ``lora``: a string (null, "" or "None": the row is skipped);
     - strengths: JSON numbers, finite, ``|s| <= MAX_STRENGTH`` (absent model strength: 1.0); a clip strength that
       is absent or null means the model strength;
+    - ``blocks``: per-block weights, a string (``nodes.blocks.parse``: preset or comma-separated numbers, optional
+      ``LABEL:``); absent, null or "": none. Its length is checked against the model in ``build_plans``;
     - a ``lora_stack`` item (Comfyroll / Efficiency stackers' LORA_STACK) is ``(name, strength_model,
       strength_clip)`` with the same rules.
 
@@ -215,11 +223,19 @@ def lora_path(name: str) -> str:
         log.warning("batch-lora: LoRA %r is in none of the loras folders %s", name, folders)
         raise LoraFileError(f"LoRA {shown(name)} is not in the loras folder; check the name")
     real = os.path.realpath(path)
-    if not any(os.path.commonpath([real, d]) == d for d in map(os.path.realpath, folders)):
+    if not within_loras(real):
         log.warning("batch-lora: LoRA %r is a link to %s, outside the loras folders %s", name, real, folders)
         raise LoraFileError(f"LoRA {shown(name)} is a link that leads outside the loras folder; add that "
                             "folder as a loras path in extra_model_paths.yaml instead of linking to it")
     return path
+
+
+def within_loras(real: str) -> bool:
+    """Whether the resolved path ``real`` (``os.path.realpath``) lies inside one of the loras folders (each
+    resolved too): the containment rule of ``lora_path``, also applied to the sidecar files ``nodes/info.py``
+    serves."""
+    folders = map(os.path.realpath, folder_paths.get_folder_paths("loras"))
+    return any(os.path.commonpath([real, d]) == d for d in folders)
 
 
 def build_plans(model, clip, entries: list[LoraEntry]):
@@ -232,9 +248,15 @@ def build_plans(model, clip, entries: list[LoraEntry]):
         ``(unet_plan, clip_plan, matches, unet_signature, clip_signature)``: plans map weight key -> list of
         ``(strength, factors)``; a signature is a text naming the files (path, size, mtime) and that side's
         strengths, in order, so a strength_model edit does not re-bake the text encoder and vice versa.
+        An entry with ``blocks`` (``nodes.blocks``) puts each term in at its strength times the key's block
+        weight: on the diffusion model the weight of the key's block (BASE outside the blocks), on the text
+        encoder BASE; a term whose product is 0 is left out. Its signatures carry the weights (the UNet side
+        all of them, the text-encoder side BASE). Without a model only BASE is used (no length to check).
     Raises (each message starting with the entry's row, e.g. ``lora_2: ...``):
         LoraFileError: missing or unreadable file, NaN/Inf tensors, or a file with no key for this model.
-        ValueError: two entries are the same file (by device and inode: whatever the spelling or link).
+        ValueError: two entries are the same file (by device and inode: whatever the spelling or link); a
+            ``blocks`` vector whose length this architecture does not take, or an architecture without a block
+            table (names the value count, the architecture and the accepted lengths with their block ids).
         FuseError: a factor's shape does not fit the model weight (the LoRA is for another architecture).
         UnsupportedTarget: a touched weight is quantized (int8), names the key.
         NotImplementedError: an adapter type this pack does not fuse yet (names file and key).
@@ -249,6 +271,10 @@ def build_plans(model, clip, entries: list[LoraEntry]):
     files: dict[tuple[int, int], LoraEntry] = {}  # (st_dev, st_ino) -> the first entry naming that file
     for entry in entries:
         try:
+            blocks = block_weights.parse(entry.blocks, f"{entry.row}.blocks")
+            table = unet.blocks(arch) if blocks is not None and model is not None else None
+            if table is not None:
+                table.check(blocks)
             path = lora_path(entry.name)
             st = os.stat(path)
             first = files.setdefault((st.st_dev, st.st_ino), entry)
@@ -263,20 +289,29 @@ def build_plans(model, clip, entries: list[LoraEntry]):
             skipped = {k for k in unmatched if k.startswith(TEXT_ENCODER_PREFIXES)} if clip is None else set()
             match = LoraMatch(entry, arch=arch, unmatched=[k for k in unmatched if k not in skipped],
                               skipped=len(skipped))
-            for side, plan, strength in ((sides[0], unet_plan, entry.strength_model),
-                                         (sides[1], clip_plan, entry.strength_clip)):
+            unet_weight = (lambda key: table.weight(key, blocks)) if table is not None else _unweighted
+            clip_weight = (lambda key: blocks.base) if blocks is not None else _unweighted
+            for side, plan, strength, weight in ((sides[0], unet_plan, entry.strength_model, unet_weight),
+                                                 (sides[1], clip_plan, entry.strength_clip, clip_weight)):
                 if strength != 0.0:
                     for key, factors in side.terms:
-                        plan.setdefault(key, []).append((strength, factors))
+                        s = strength * weight(key)  # exactly the strength for a weight 1
+                        if s != 0.0:
+                            plan.setdefault(key, []).append((s, factors))
                 match.kinds.update(side.kinds)
                 match.slices += side.slices
             match.unet_keys, match.clip_keys = sides[0].keys, sides[1].keys
         except (LoraFileError, ValueError, UnsupportedTarget, NotImplementedError) as exc:
             raise type(exc)(f"{entry.row}: {exc}") from exc
         matches.append(match)
-        unet_signature.append(f"{ident}:{entry.strength_model!r}")
-        clip_signature.append(f"{ident}:{entry.strength_clip!r}")
+        unet_signature.append(f"{ident}:{entry.strength_model!r}" + (f"*{blocks.weights!r}" if blocks else ""))
+        clip_signature.append(f"{ident}:{entry.strength_clip!r}" + (f"*{blocks.base!r}" if blocks else ""))
     return unet_plan, clip_plan, matches, "|".join(unet_signature), "|".join(clip_signature)
+
+
+def _unweighted(key: str) -> float:
+    """The block weight of every key of an entry without ``blocks``."""
+    return 1.0
 
 
 _INDEX_ATTR = "_batch_lora_index"
@@ -292,6 +327,14 @@ class _Index:
     def __init__(self, key_map: dict):
         self.key_map = key_map
         self.token = next(_TOKENS)
+        self._blocks = None
+
+    def blocks(self, arch: str) -> block_weights.ModelBlocks:
+        """The model's block table (``nodes.blocks.ModelBlocks``), built once from the keys this map targets
+        (ComfyUI maps every state-dict key of the diffusion model), its per-key lookups cached with it."""
+        if self._blocks is None:
+            self._blocks = block_weights.ModelBlocks.of(arch, {_key_of(k) for k in self.key_map.values()})
+        return self._blocks
 
 
 _NONE = _Index({})  # no model / no CLIP connected

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 
 from .dynamic import states
+from .info import add_routes
 from .lifecycle import RELEASED, engines
 from .stack import FILES
 
@@ -71,7 +72,8 @@ def prompt_server():
 
 
 def register_routes() -> bool:
-    """Add GET ``ROUTE`` to the running ComfyUI server. Returns False (and does nothing) without a server."""
+    """Add GET ``ROUTE`` and the LoRA info routes (``nodes/info.py``) to the running ComfyUI server. Returns False
+    (and does nothing) without a server."""
     instance = prompt_server()
     if instance is None:
         return False
@@ -81,4 +83,5 @@ def register_routes() -> bool:
     async def batch_lora_status(request):
         return web.json_response(status())
 
+    add_routes(instance.routes)
     return True

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import math
 import os
@@ -639,6 +640,62 @@ def make_loras(lora_dir, seed: int = 0) -> dict:
         tensors = lora_state_dict(name, seed) if name in LORA_NAMES else format_state_dict(name, seed)
         _write_if_changed(p, tensors, _metadata(name[:-len(".safetensors")], seed))
         out[name] = p
+    return out
+
+
+# LoRA files carrying each tool's metadata layout (core/meta.py): the tensors of LORA_KOHYA_A / LORA_PEFT_C, the
+# header metadata and sidecar files those tools write. Expected values are spelled out in META_EXPECTED.
+META_KOHYA = "meta_kohya.safetensors"        # kohya sd-scripts header: ss_output_name, ss_tag_frequency, ...
+META_SPEC = "meta_modelspec.safetensors"     # SAI ModelSpec header (sd-scripts, ai-toolkit, OneTrainer), SDXL
+META_CIVITAI = "meta_civitai.safetensors"    # + .civitai.info (Civitai Helper) + .preview.png
+META_MANAGER = "meta_manager.safetensors"    # + .metadata.json (ComfyUI-Lora-Manager) + .webp, Flux
+META_PREVIEW_SIZE = {META_CIVITAI: (24, 16), META_MANAGER: (12, 20)}  # (width, height) of the preview images
+META_HEADERS = {
+    META_KOHYA: {"ss_output_name": "kohya_style", "ss_base_model_version": "sd_v1", "ss_network_dim": "4",
+                 "ss_tag_frequency": '{"10_zxc style": {"zxc style": 12, "1girl": 7, "outdoors": 12}, '
+                                     '"5_other": {"blue sky": 3, "zxc style": 2}}',
+                 "ss_dataset_dirs": '{"10_zxc style": {"n_repeats": 10, "img_count": 12}, '
+                                    '"5_other": {"n_repeats": 5, "img_count": 3}}'},
+    META_SPEC: {"modelspec.sai_model_spec": "1.0.0", "modelspec.title": "Spec Title",
+                "modelspec.architecture": "stable-diffusion-xl-v1-base/lora",
+                "modelspec.trigger_phrase": "spec_trigger, second phrase"},
+    META_CIVITAI: {"ss_output_name": "civ_internal", "ss_base_model_version": "sd_v1"},
+    META_MANAGER: {},
+}
+META_SIDECARS = {  # file name -> JSON content
+    "meta_civitai.civitai.info": {"id": 101, "modelId": 7, "name": "v1.0", "baseModel": "SD 1.5",
+                                  "trainedWords": ["civ_word", "civ phrase, extra"],
+                                  "model": {"name": "Civitai Model", "type": "LORA"}},
+    "meta_manager.metadata.json": {"file_name": "meta_manager", "model_name": "Manager Model",
+                                   "base_model": "Flux.1 D", "preview_url": "/elsewhere/meta_manager.webp",
+                                   "civitai": {"trainedWords": ["mgr_word", "CIV_WORD"]}, "tags": ["style"]},
+}
+META_EXPECTED = {  # name -> (title, trigger words, base model, family)
+    META_KOHYA: ("kohya_style", ("zxc style", "outdoors", "blue sky"), "sd_v1", "SD1.x"),
+    META_SPEC: ("Spec Title", ("spec_trigger", "second phrase"), "stable-diffusion-xl-v1-base/lora", "SDXL"),
+    META_CIVITAI: ("Civitai Model", ("civ_word", "civ phrase", "extra"), "SD 1.5", "SD1.x"),
+    META_MANAGER: ("Manager Model", ("mgr_word", "CIV_WORD"), "Flux.1 D", "Flux.1"),
+}
+
+
+def make_metadata_loras(lora_dir, seed: int = 0) -> dict:
+    """Write the META_* LoRA files, their sidecars (META_SIDECARS) and preview images (META_PREVIEW_SIZE; PNG for
+    Civitai Helper's ``NAME.preview.png``, WebP for Lora-Manager's ``NAME.webp``) into ``lora_dir``. The tensors are
+    those of LORA_KOHYA_A (META_KOHYA, META_SPEC, META_MANAGER) and LORA_PEFT_C (META_CIVITAI), so every file
+    matches the tiny SD1.5 model. Returns {file name: path} of the LoRA files."""
+    from PIL import Image
+    lora_dir = Path(lora_dir)
+    out = {}
+    for name, header in META_HEADERS.items():
+        tensors = lora_state_dict(LORA_PEFT_C if name == META_CIVITAI else LORA_KOHYA_A, seed)
+        out[name] = lora_dir / name
+        _write_if_changed(out[name], tensors, {**_metadata(name[:-len(".safetensors")], seed), **header})
+    for name, content in META_SIDECARS.items():
+        (lora_dir / name).write_text(json.dumps(content), encoding="utf-8")
+    for name, size in META_PREVIEW_SIZE.items():
+        stem = name[:-len(".safetensors")]
+        path = lora_dir / (stem + (".preview.png" if name == META_CIVITAI else ".webp"))
+        Image.new("RGB", size, (200, 40, 90)).save(path)
     return out
 
 

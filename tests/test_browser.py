@@ -6,7 +6,11 @@ row (after each step the rows hold the expected values and the screen shows them
 the template browser (no dialog left open), compare the frontend's own API export with workflows/api/, queue it and
 see the output images; save and load it back as a UI workflow; drop each API-format twin on the canvas and get the
 same rows back; a LoRA file named like an HTML tag shows as text in the picker (filter, Enter, Escape, a click
-outside) and runs no script. Test ids are ``[<frontend>-<mode>]``, e.g. ``test_row_editor[1.58.1-vue]``.
+outside) and runs no script; the LoRA's preview image and trigger words (sidecar files, GET /batch_lora/info) show
+beside the picker and on the node when the pointer rests on a row's file name; a row's block weights are set, shown,
+exported and cleared; a node's rows are saved as a named stack (user data, batch_lora/stacks/) and loaded into
+another loader, and a saved row whose file is gone comes back off and marked missing. Test ids are
+``[<frontend>-<mode>]``, e.g. ``test_row_editor[1.58.1-vue]``.
 
 Screenshots go to ``.work/browser/<frontend>-<mode>/``; with BATCH_LORA_UPDATE_SCREENSHOTS=1 those of the default
 frontend (DEFAULT_FRONTEND) in classic mode also replace the README's (``docs/``) and the template thumbnails
@@ -18,9 +22,11 @@ import os
 import re
 import shutil
 from pathlib import Path
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import parse_qs, quote, urlparse
 
 import pytest
+import requests
+from PIL import Image
 
 import make_fixtures as fx
 from comfy_server import PACK_LINK_NAME, ComfyServer
@@ -36,6 +42,13 @@ SHOTS = ROOT / ".work" / "browser"
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 XSS_LORA = "<img src=x onerror=window.__batchLoraXss=1>.safetensors"  # runs script if the picker inserts it as HTML
 PICKER = ".batch-lora-picker"  # the row editor's LoRA picker (web/js/batch_lora.js)
+PANEL = f"{PICKER} > .batch-lora-info"  # the picker's panel: what is known of the entry under the pointer
+CARD = "body > .batch-lora-card"  # the card shown while the pointer rests on a row's file name
+PREVIEW_LORA = fx.LORA_KOHYA_B  # the fixture LoRA given a preview image and a .civitai.info (base fixture)
+PREVIEW_SIZE, PREVIEW_RGB = (48, 30), (200, 30, 60)
+TRIGGER_WORDS = ["zzbee style", "glowing"]
+STACK_FORMAT = "batch-lora-stack"
+SAVE_STACK = "Save current rows as\u2026"  # the stacks menu's entry that saves
 if not Path(CHROMIUM).is_file():
     pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium, or set BATCH_LORA_CHROMIUM)",
                 allow_module_level=True)
@@ -63,6 +76,11 @@ def base(tmp_path_factory):
     loras = fx.make_fixtures(base)["loras"]
     # Before any server starts: ComfyUI caches the file list it serves at /models/loras.
     shutil.copyfile(loras[fx.LORA_KOHYA_A], base / "models" / "loras" / XSS_LORA)
+    # Sidecar files of one LoRA as Civitai Helper writes them: NAME.preview.png and NAME.civitai.info.
+    stem = loras[PREVIEW_LORA].with_suffix("")
+    Image.new("RGB", PREVIEW_SIZE, PREVIEW_RGB).save(stem.with_name(stem.name + ".preview.png"))
+    stem.with_name(stem.name + ".civitai.info").write_text(json.dumps(
+        {"name": "v1", "baseModel": "SD 1.5", "trainedWords": TRIGGER_WORDS, "model": {"name": "Bee Model"}}))
     return base
 
 
@@ -184,8 +202,9 @@ def loaders(page) -> list:
         id: n.id, rows: n.widgets.filter(w => w.type === 'batch_lora_row').map(w => ({...w.value}))}))""")
 
 
-def row(lora, on=True, strength_model=1.0, strength_clip=1.0) -> dict:
-    return {"on": on, "lora": lora, "strength_model": strength_model, "strength_clip": strength_clip}
+def row(lora, on=True, strength_model=1.0, strength_clip=1.0, **extra) -> dict:
+    """A row value; ``extra``: ``blocks``, ``missing``."""
+    return {"on": on, "lora": lora, "strength_model": strength_model, "strength_clip": strength_clip, **extra}
 
 
 def row_boxes(page, node_id) -> list:
@@ -231,13 +250,24 @@ def check_rows(page, node_id, expected: list, before=None, changed=()) -> list:
     return shown
 
 
-def click_row(page, node_id, index: int, zone: str):
-    """Click zone ``zone`` ("on", "name", "sm", "sc", "del") of row ``index`` (0-based) of the loader."""
+def zone_point(page, node_id, index: int, zone: str) -> tuple:
+    """The middle of zone ``zone`` ("on", "name", "blocks", "sm", "sc", "del") of row ``index`` (0-based) of the
+    loader, in page px."""
     box = row_boxes(page, node_id)[index]
     x = page.evaluate("""([id, i, zone]) => {  // the zones of the row's last draw, in px from its left edge
         const z = app.graph.getNodeById(id).widgets.filter(w => w.type === 'batch_lora_row')[i].zones[zone];
         return (z[0] + z[1]) / 2; }""", [node_id, index, zone])
-    page.mouse.click(box["x"] + x, box["y"] + box["height"] / 2)
+    return box["x"] + x, box["y"] + box["height"] / 2
+
+
+def click_row(page, node_id, index: int, zone: str):
+    """Click zone ``zone`` of row ``index`` (0-based) of the loader."""
+    page.mouse.click(*zone_point(page, node_id, index, zone))
+
+
+def hover_row(page, node_id, index: int, zone: str):
+    """Move the pointer (in a few steps, as a hand does) to zone ``zone`` of row ``index`` of the loader."""
+    page.mouse.move(*zone_point(page, node_id, index, zone), steps=4)
 
 
 def click_button(page, node_id, name: str) -> tuple:
@@ -336,10 +366,17 @@ def test_row_editor(page):
         pick_from_menu(page, name)
     click_row(page, node, 1, "on")
     check_rows(page, node, [row(a), row(c, on=False)])
-    box = row_boxes(page, node)[0]
-    page.mouse.move(box["x"] + 100, box["y"] + box["height"] / 2, steps=3)
-    expect(page.get_by_text("Click the dot to turn it on/off").filter(visible=True).first).to_be_visible()  # tooltip
+    # Tooltips: classic mode shows the one of the zone the pointer rests on, Nodes 2.0 the row's (as it mounted).
+    hover_row(page, node, 0, "on")
+    tip = re.compile(r"^One LoRA\. Click the dot to turn it on/off.*preset such as SD-INALL" if page.vue else
+                     r"^Turn this LoRA on or off\.$")
+    expect(page.get_by_text(tip).filter(visible=True).first).to_be_visible()
     page.mouse.move(0, 0)
+    if not page.vue:
+        hover_row(page, node, 1, "blocks")
+        expect(page.get_by_text(re.compile(r"^Block weights, click to edit: a preset name")).filter(visible=True)
+               .first).to_be_visible()
+        page.mouse.move(0, 0)
     settle(page)
     screenshot_nodes(page, page.shots / "batch_lora_loader.png", node)
     publish(page, page.shots / "batch_lora_loader.png", ROOT / "docs" / "batch_lora_loader.png")
@@ -457,6 +494,10 @@ def test_lora_picker_shows_file_names_as_text(page):
     box = picker.bounding_box()
     assert abs(box["x"] - at[0]) < 2 and abs(box["y"] - at[1]) < 2, f"the picker at {box}, the click at {at}"
     expect(picker.locator("input")).to_be_focused()  # type to filter at once
+    entry.hover()  # its panel names it, as text
+    expect(page.locator(PANEL).locator(".title")).to_have_text(XSS_LORA)
+    expect(page.locator(PANEL).locator("img")).to_have_count(0)
+    assert page.evaluate(xss) is None
     picker.screenshot(path=str(page.shots / "lora_picker.png"))
     page.keyboard.type("KOHYA")  # any case
     expect(options).to_have_text([n for n in names if "kohya" in n])
@@ -493,4 +534,222 @@ def test_lora_picker_shows_file_names_as_text(page):
     page.unroute("**/models/loras")
     check_rows(page, node, [row(fx.LORA_KOHYA_B)])
     assert page.evaluate(xss) is None
+    assert page.errors == []
+
+
+def new_loader(page, x=420, y=260) -> int:
+    """Add a Batch LoRA Loader at graph position (x, y), view at scale 1 from the origin; returns its id."""
+    node = page.evaluate("""([x, y]) => { const n = LiteGraph.createNode('BatchLoraLoader'); n.pos = [x, y];
+        app.graph.add(n); app.canvas.ds.offset = [0, 0]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+        return n.id; }""", [x, y])
+    settle(page)
+    return node
+
+
+def add_rows(page, node, names):
+    """Add one row per LoRA file name through "+ Add LoRA" and the picker."""
+    for name in names:
+        click_button(page, node, "+ Add LoRA")
+        pick_from_menu(page, name)
+
+
+def expect_card(card, words, preview: bool):
+    """The info card (the picker's panel or the node's card) shows the trigger words ``words`` as text, and the
+    preview image that loaded (PREVIEW_SIZE) when ``preview``, else no image at all (none broken)."""
+    expect(card).to_be_visible()
+    expect(card.locator(".word")).to_have_text(words)
+    if preview:
+        img = card.locator("img")
+        expect(img).to_have_count(1)
+        img.evaluate("i => i.complete && i.naturalWidth > 0 || new Promise(r => i.addEventListener('load', r))")
+        assert img.evaluate("i => [i.naturalWidth, i.naturalHeight]") == list(PREVIEW_SIZE)
+    else:
+        expect(card.locator("img")).to_have_count(0)
+
+
+def test_lora_preview_and_trigger_words_on_hover(page):
+    """The picker shows, beside the list, the preview image and trigger words (from the LoRA's sidecar files,
+    GET /batch_lora/info) of the entry under the pointer or reached with the arrow keys; resting the pointer on a
+    row's file name on the node shows the same card; a LoRA without sidecars shows its name and no image."""
+    info = page.server.get(f"/batch_lora/info?lora={quote(PREVIEW_LORA)}").json()
+    assert info["trigger_words"] == TRIGGER_WORDS and info["preview"]  # what the pack's route reads from the files
+    plain = page.server.get(f"/batch_lora/info?lora={quote(fx.LORA_KOHYA_A)}").json()
+    assert plain["preview"] is None and plain["trigger_words"] == []
+    page.evaluate("app.graph.clear()")
+    node = new_loader(page)
+    click_button(page, node, "+ Add LoRA")
+    picker, panel = page.locator(PICKER), page.locator(PANEL)
+    expect(panel).to_be_hidden()  # nothing under the pointer yet
+    picker.get_by_role("option", name=PREVIEW_LORA, exact=True).hover()
+    expect_card(panel, TRIGGER_WORDS, preview=True)
+    expect(panel.locator(".title")).to_have_text("Bee Model")  # the .civitai.info's model name
+    page.screenshot(path=str(page.shots / "lora_picker_preview.png"))
+    page.keyboard.type("kohya_")  # the keys: the first match is active, Down goes to the next
+    expect(picker.get_by_role("option").filter(visible=True)).to_have_text([fx.LORA_KOHYA_A, fx.LORA_KOHYA_B])
+    page.keyboard.press("ArrowDown")
+    expect(picker.locator("[role=option].active")).to_have_text(fx.LORA_KOHYA_B)
+    page.keyboard.press("ArrowUp")
+    expect(picker.locator("[role=option].active")).to_have_text(fx.LORA_KOHYA_A)
+    expect_card(panel, [], preview=False)
+    expect(panel.locator(".title")).to_have_text(fx.LORA_KOHYA_A)
+    expect(panel).to_contain_text("No trigger words")
+    page.keyboard.press("Enter")
+    expect(picker).to_have_count(0)
+    add_rows(page, node, [PREVIEW_LORA])
+    check_rows(page, node, [row(fx.LORA_KOHYA_A), row(PREVIEW_LORA)])
+    card = page.locator(CARD)
+    hover_row(page, node, 1, "name")
+    expect_card(card, TRIGGER_WORDS, preview=True)
+    expect(card.locator(".title")).to_have_text("Bee Model")
+    frames(page)
+    page.screenshot(path=str(page.shots / "row_hover_card.png"))
+    hover_row(page, node, 0, "name")  # another row: its own card, one at a time
+    expect(card.locator(".title")).to_have_text(fx.LORA_KOHYA_A)
+    expect(card).to_have_count(1)
+    expect_card(card, [], preview=False)
+    hover_row(page, node, 0, "sm")  # off the name: no card
+    expect(card).to_have_count(0)
+    hover_row(page, node, 1, "name")
+    expect_card(card, TRIGGER_WORDS, preview=True)
+    page.mouse.move(0, 0)
+    expect(card).to_have_count(0)
+    assert page.errors == []
+
+
+def test_blocks_zone(page):
+    """A row's blocks zone opens the frontend's prompt; the value is shown on the row, carried by the row value and
+    the frontend's API export (and a saved workflow), and an empty answer removes the key again."""
+    a = fx.LORA_KOHYA_A
+    page.evaluate("app.graph.clear()")
+    node = new_loader(page)
+    add_rows(page, node, [a, fx.LORA_PEFT_C])
+    shots = check_rows(page, node, [row(a), row(fx.LORA_PEFT_C)])
+
+    def exported():
+        prompt = page.evaluate("app.graphToPrompt().then(p => p.output)")
+        return [prompt[str(node)]["inputs"][k] for k in ("lora_1", "lora_2")]
+
+    assert exported() == [row(a), row(fx.LORA_PEFT_C)]  # no "blocks" key while unset
+    click_row(page, node, 0, "blocks")
+    answer_prompt(page, " SD-INALL ")
+    shots = check_rows(page, node, [row(a, blocks="SD-INALL"), row(fx.LORA_PEFT_C)], shots, changed={0})
+    weights = "1,0,0,0,0,0,0,0,1,1,1,1,1,1,1,1,1"
+    click_row(page, node, 1, "blocks")
+    answer_prompt(page, weights)
+    shots = check_rows(page, node, [row(a, blocks="SD-INALL"), row(fx.LORA_PEFT_C, blocks=weights)], shots,
+                       changed={1})
+    assert exported() == [row(a, blocks="SD-INALL"), row(fx.LORA_PEFT_C, blocks=weights)]
+    saved = json.loads(page.evaluate("JSON.stringify(app.graph.serialize())"))
+    assert [n["widgets_values"] for n in saved["nodes"]] == [[row(a, blocks="SD-INALL"),
+                                                              row(fx.LORA_PEFT_C, blocks=weights)]]
+    screenshot_nodes(page, page.shots / "blocks_zone.png", node)
+    click_row(page, node, 0, "blocks")
+    expect(page.locator(".graphdialog input")).to_have_value("SD-INALL")  # the prompt starts from the value
+    answer_prompt(page, "")
+    check_rows(page, node, [row(a), row(fx.LORA_PEFT_C, blocks=weights)], shots, changed={0})
+    assert exported() == [row(a), row(fx.LORA_PEFT_C, blocks=weights)]  # the key is gone, not ""
+    assert page.errors == []
+
+
+def stack_path(name: str) -> str:
+    """The user-data route of the saved stack ``name``."""
+    return "/userdata/" + quote(f"batch_lora/stacks/{name}.json", safe="")
+
+
+def expect_stack(page, name: str, doc: dict):
+    """Wait (up to 10 s) until GET /userdata/... of the saved stack ``name`` answers ``doc``."""
+    for _ in range(100):  # the UI stores it after the prompt's callback, asynchronously
+        res = page.server.get(stack_path(name))
+        if res.status_code == 200 and res.json() == doc:
+            return
+        page.wait_for_timeout(100)
+    assert (res.status_code, res.text) == (200, json.dumps(doc))
+
+
+def stacks_menu(page, node, entry: str):
+    """Open the loader's Stacks menu and click ``entry``."""
+    click_button(page, node, "Stacks")
+    pick_from_menu(page, entry)
+
+
+def test_saved_stack_round_trip(page):
+    """Save a loader's rows (strengths, block weights, an off row) as a named stack: the user-data file holds them
+    (the name made a safe file name); saving under the name again asks first (Cancel keeps the file); a second
+    loader loads the stack and has the same rows; a stack naming a file that is not in models/loras loads that row
+    off and marked missing, keeps it, the other rows as saved; picking a file for it clears the mark; loading a
+    shorter stack removes the extra rows."""
+    a, b, c = fx.LORA_KOHYA_A, fx.LORA_KOHYA_B, fx.LORA_PEFT_C
+    typed, name = "../Round trip: 1", "_Round trip_ 1"  # "/" and ":" become "_", the leading dots go
+    gone, gone_file = f"gone {page.config[0]}-{page.config[1]}", "not_in_the_folder.safetensors"
+    for n in (name, gone):  # the user folder outlives each configuration's page
+        requests.delete(page.server.url + stack_path(n), timeout=30)
+    page.evaluate("app.graph.clear()")
+    first = new_loader(page, 100, 120)
+    add_rows(page, first, [a, c, b])
+    click_row(page, first, 0, "sm")
+    answer_prompt(page, "0.35")
+    click_row(page, first, 1, "blocks")
+    answer_prompt(page, "SD-INALL")
+    click_row(page, first, 2, "on")
+    click_row(page, first, 2, "sc")
+    answer_prompt(page, "-0.5")
+    rows = [row(a, strength_model=0.35), row(c, blocks="SD-INALL"), row(b, on=False, strength_clip=-0.5)]
+    check_rows(page, first, rows)
+    stacks_menu(page, first, SAVE_STACK)
+    answer_prompt(page, typed)
+    expect_stack(page, name, {"format": STACK_FORMAT, "version": 1, "rows": rows})
+    assert page.server.get(stack_path("../Round trip: 1")).status_code == 404  # nothing under the name as typed
+    click_row(page, first, 0, "sm")  # the same name again: asked first
+    answer_prompt(page, "0.9")
+    for answer in ("Cancel", "Overwrite"):
+        stacks_menu(page, first, SAVE_STACK)
+        answer_prompt(page, typed)
+        dialog = page.get_by_role("dialog")
+        expect(dialog).to_contain_text(f'A saved stack named "{name}" exists')
+        dialog.get_by_role("button", name=answer).click()  # (1.58.1: not exactly that name)
+        expect(dialog).to_have_count(0)
+        if answer == "Cancel":
+            page.wait_for_timeout(500)
+            expect_stack(page, name, {"format": STACK_FORMAT, "version": 1, "rows": rows})  # kept
+    rows[0]["strength_model"] = 0.9
+    expect_stack(page, name, {"format": STACK_FORMAT, "version": 1, "rows": rows})
+    second = new_loader(page, 520, 120)  # left of the toasts (top right), which would change the rows' screenshots
+    add_rows(page, second, [b])
+    click_button(page, second, "Stacks")
+    entry = page.locator(PICKER).get_by_role("option", name=name, exact=True)
+    entry.hover()  # the panel lists the stack's rows
+    expect(page.locator(PANEL).locator(".sub")).to_have_text([f"{a} 0.90/1.00", f"{c} 1.00/1.00 [SD-INALL]",
+                                                               f"off {b} 1.00/-0.50"])
+    entry.click()
+    expect(page.locator(PICKER)).to_have_count(0)
+    page.wait_for_function("([id, n]) => app.graph.getNodeById(id).widgets.filter(w => w.type === "
+                           "'batch_lora_row').length === n", arg=[second, len(rows)])
+    check_rows(page, second, rows)
+    check_rows(page, first, rows)  # the first loader as it was
+    # A stack written by hand (the user-data API) naming a file that is not in models/loras.
+    written = [row(b, strength_model=0.3), row(gone_file, blocks="SD-OUTALL"), row(a, on=False), row(c)]
+    page.server.post(stack_path(gone) + "?overwrite=true",
+                     data=json.dumps({"format": STACK_FORMAT, "version": 1, "rows": written})).raise_for_status()
+    stacks_menu(page, second, gone)
+    with_missing = [row(b, strength_model=0.3), row(gone_file, on=False, blocks="SD-OUTALL", missing=True),
+                    row(a, on=False), row(c)]
+    page.wait_for_function("([id, n]) => app.graph.getNodeById(id).widgets.filter(w => w.type === "
+                           "'batch_lora_row').length === n", arg=[second, len(with_missing)])
+    shots = check_rows(page, second, with_missing)
+    expect(page.get_by_text(re.compile(r"1 file\(s\) not in models/loras")).first).to_be_visible()  # a toast says so
+    prompt = page.evaluate("app.graphToPrompt().then(p => p.output)")[str(second)]["inputs"]
+    assert [prompt[f"lora_{i}"] for i in range(1, 5)] == with_missing  # the server skips the off row
+    page.mouse.move(0, 0)
+    settle(page)
+    screenshot_nodes(page, page.shots / "saved_stack_missing.png", second)
+    click_row(page, second, 1, "name")  # picking a file clears the mark
+    pick_from_menu(page, a)
+    with_missing[1] = row(a, on=False, blocks="SD-OUTALL")
+    check_rows(page, second, with_missing, shots, changed={1})
+    stacks_menu(page, second, name)  # a shorter stack: the extra rows go
+    page.wait_for_function("([id, n]) => app.graph.getNodeById(id).widgets.filter(w => w.type === "
+                           "'batch_lora_row').length === n", arg=[second, len(rows)])
+    check_rows(page, second, rows)
+    saved = json.loads(page.evaluate("JSON.stringify(app.graph.serialize())"))  # buttons are not serialized
+    assert {str(n["id"]): n["widgets_values"] for n in saved["nodes"]} == {str(first): rows, str(second): rows}
     assert page.errors == []

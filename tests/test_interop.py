@@ -1,6 +1,7 @@
 """Row shapes and interop outputs of the Batch LoRA Loader, in the real host in-process: rgthree Power Lora
 Loader rows, LORA_STACK and ``<lora:...>`` tag outputs."""
 import importlib
+import json
 
 import pytest
 import torch
@@ -113,9 +114,15 @@ def test_loader_outputs_stack_and_tags(comfy_host, fixtures_dir):
         model, clip, lora_stack=[(C, 0.6, 0.5)],
         lora_1={"on": True, "lora": A, "strength": 0.8, "strengthTwo": 1.0},
         lora_2={"on": False, "lora": fx.LORA_KOHYA_B, "strength_model": 1.0, "strength_clip": 1.0})
-    assert len(out) == 5
+    assert len(out) == 7
     assert out[3] == [(C, 0.6, 0.5), (A, 0.8, 1.0)]
     assert out[4] == "<lora:peft_c:0.5:0.6> <lora:kohya_a:1:0.8>"
+    assert out[5] == ""  # the fixture files carry no trigger words (tests/test_meta.py has files that do)
+    assert json.loads(out[6]) == [
+        {"name": C, "strength_model": 0.6, "strength_clip": 0.5, "base_model": None, "family": None,
+         "trigger_words": [], "row": "lora_stack[0]"},
+        {"name": A, "strength_model": 0.8, "strength_clip": 1.0, "base_model": None, "family": None,
+         "trigger_words": [], "row": "lora_1"}]
     relayed = h.pack.BatchLoraLoader().apply(model, clip, lora_stack=out[3])
     assert relayed[0].patches_uuid == out[0].patches_uuid  # same files and strengths: the same baked weights
-    assert relayed[3:] == out[3:]
+    assert relayed[3:6] == out[3:6]  # loaded_loras differs in its rows' origin (lora_stack[1])

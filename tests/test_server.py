@@ -32,9 +32,10 @@ def test_nodes_are_registered_with_tooltips(server):
     info = server.get("/object_info").json()
     loader, reset = info["BatchLoraLoader"], info["BatchLoraResetAdapters"]
     assert loader["display_name"] == "Batch LoRA Loader" and reset["display_name"] == "Reset Adapters"
-    assert loader["output"] == ["MODEL", "CLIP", "STRING", "LORA_STACK", "STRING"]
-    assert loader["output_name"] == ["MODEL", "CLIP", "report", "lora_stack", "lora_tags"]
-    assert all(loader["output_tooltips"]) and len(loader["output_tooltips"]) == 5
+    assert loader["output"] == ["MODEL", "CLIP", "STRING", "LORA_STACK", "STRING", "STRING", "STRING"]
+    assert loader["output_name"] == ["MODEL", "CLIP", "report", "lora_stack", "lora_tags", "trigger_words",
+                                     "loaded_loras"]
+    assert all(loader["output_tooltips"]) and len(loader["output_tooltips"]) == 7
     for node in (loader, reset):
         assert node["description"] and node["category"] == "loaders/batch lora"
         for group in ("required", "optional"):
