@@ -42,7 +42,8 @@ from typing import Callable
 
 from safetensors import SafetensorError, safe_open
 
-__all__ = ["LoraInfo", "read_info", "family_of_base", "family_of_model", "FAMILIES", "PREVIEW_SUFFIXES"]
+__all__ = ["LoraInfo", "read_info", "dedup_words", "family_of_base", "family_of_model", "FAMILIES",
+           "PREVIEW_SUFFIXES"]
 
 PREVIEW_SUFFIXES = (".preview.png", ".preview.jpg", ".preview.jpeg", ".preview.webp", ".preview.gif",
                     ".png", ".jpg", ".jpeg", ".webp", ".gif")
@@ -163,7 +164,8 @@ def _first(*values):
     return next((v.strip() for v in values if isinstance(v, str) and v.strip()), None)
 
 
-def _dedup(words: list[str]) -> tuple[str, ...]:
+def dedup_words(words) -> tuple[str, ...]:
+    """``words`` (strings) without repeats, first occurrence kept; case and spacing are ignored when comparing."""
     seen, out = set(), []
     for word in words:
         key = " ".join(word.split()).casefold()
@@ -238,5 +240,5 @@ def _read(path: str, present: dict) -> LoraInfo:
     return LoraInfo(
         title=_first(header.get("modelspec.title"), manager.get("model_name"), civitai_model.get("name"),
                      header.get("ss_output_name")),
-        trigger_words=_dedup(words or _tag_triggers(header)),
+        trigger_words=dedup_words(words or _tag_triggers(header)),
         base_model=base, family=family_of_base(base), preview=preview, sources=tuple(sources))

@@ -13,7 +13,7 @@ import os
 from urllib.parse import quote
 
 from ..core import LoraFileError, shown
-from ..core.meta import LoraInfo, family_of_model, read_info
+from ..core.meta import LoraInfo, dedup_words, family_of_model, read_info
 from .stack import LoraEntry, lora_path, within_loras
 
 __all__ = ["lora_info", "info_document", "trigger_words", "loaded_loras", "base_model_note", "add_routes",
@@ -45,13 +45,7 @@ def info_document(name: str) -> dict:
 def trigger_words(infos: list[LoraInfo]) -> str:
     """The loader's ``trigger_words`` output: every row's trigger words in row order, deduplicated (case and spacing
     ignored), joined with ``", "`` (CLIP prompt syntax); "" when there are none."""
-    seen, words = set(), []
-    for info in infos:
-        for word in info.trigger_words:
-            key = " ".join(word.split()).casefold()
-            if key not in seen:
-                seen.add(key)
-                words.append(word)
+    words = dedup_words(word for info in infos for word in info.trigger_words)
     return ", ".join(words)
 
 
